@@ -1,0 +1,96 @@
+"""Prometheus metrics of the coordinator and the workers (prometheus-client).
+
+Names follow Prometheus conventions: base units, ``_total`` counters, ``_seconds`` and
+``_bytes`` suffixes. Every process registers all of them in the default registry; the
+Grafana dashboard in ``helm/`` queries only names defined here (a test checks it).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+INPUT_RECORDS = Counter(
+    "dstream_input_records_total", "Records received from Kafka", ["topic", "partition"]
+)
+BATCH_RECORDS = Histogram(
+    "dstream_batch_records",
+    "Input records per batch",
+    buckets=(0, 10, 100, 1_000, 10_000, 100_000, 1_000_000),
+)
+SCHEDULING_DELAY = Histogram(
+    "dstream_scheduling_delay_seconds",
+    "Time from a batch's end to its first task starting",
+    buckets=_DELAY_BUCKETS,
+)
+PROCESSING_TIME = Histogram(
+    "dstream_processing_time_seconds",
+    "Time from a batch's first task starting to its last output committing",
+    buckets=_DELAY_BUCKETS,
+)
+TOTAL_DELAY = Histogram(
+    "dstream_total_delay_seconds",
+    "Time from a batch's end to its last output committing",
+    buckets=_DELAY_BUCKETS,
+)
+BATCHES_PENDING = Gauge("dstream_batches_pending", "Batches generated but not yet complete")
+BATCHES_COMPLETED = Counter("dstream_batches_completed_total", "Batches fully committed")
+RECEIVER_LAG = Gauge(
+    "dstream_receiver_lag_records",
+    "Log-end offset minus next offset to read, per partition",
+    ["topic", "partition"],
+)
+TASK_DURATION = Histogram(
+    "dstream_task_duration_seconds", "Task run time by stage", ["stage"], buckets=_DELAY_BUCKETS
+)
+TASKS_RETRIED = Counter("dstream_tasks_retried_total", "Task attempts rerun after a failure")
+SPECULATIVE_LAUNCHED = Counter(
+    "dstream_speculative_tasks_launched_total", "Speculative task copies launched"
+)
+SPECULATIVE_WON = Counter(
+    "dstream_speculative_tasks_won_total", "Speculative copies that finished first"
+)
+RECOVERIES = Counter("dstream_recoveries_total", "Recoveries of lost workers or state")
+RECOVERY_TIME = Histogram(
+    "dstream_recovery_seconds", "Time from a loss being detected to the fleet caught up",
+    buckets=_DELAY_BUCKETS,
+)
+CHECKPOINT_DURATION = Histogram(
+    "dstream_checkpoint_duration_seconds", "State checkpoint write time", buckets=_DELAY_BUCKETS
+)
+CHECKPOINT_BYTES = Gauge("dstream_checkpoint_size_bytes", "Bytes of the last state checkpoint")
+BLOCK_STORE_BYTES = Gauge("dstream_block_store_bytes", "Bytes held by the worker block store")
+BLOCK_STORE_BLOCKS = Gauge("dstream_block_store_blocks", "Blocks held by the worker block store")
+DEAD_LETTERED = Counter(
+    "dstream_dead_lettered_records_total", "Records sent to the dead-letter topic", ["reason"]
+)
+LIVE_WORKERS = Gauge("dstream_live_workers", "Workers with a current heartbeat")
+DEGRADED = Gauge(
+    "dstream_dependency_degraded", "1 while a dependency (kafka, redis) is unreachable",
+    ["dependency"],
+)
+
+ALL_METRIC_NAMES = (
+    "dstream_input_records_total",
+    "dstream_batch_records",
+    "dstream_scheduling_delay_seconds",
+    "dstream_processing_time_seconds",
+    "dstream_total_delay_seconds",
+    "dstream_batches_pending",
+    "dstream_batches_completed_total",
+    "dstream_receiver_lag_records",
+    "dstream_task_duration_seconds",
+    "dstream_tasks_retried_total",
+    "dstream_speculative_tasks_launched_total",
+    "dstream_speculative_tasks_won_total",
+    "dstream_recoveries_total",
+    "dstream_recovery_seconds",
+    "dstream_checkpoint_duration_seconds",
+    "dstream_checkpoint_size_bytes",
+    "dstream_block_store_bytes",
+    "dstream_block_store_blocks",
+    "dstream_dead_lettered_records_total",
+    "dstream_live_workers",
+    "dstream_dependency_degraded",
+)

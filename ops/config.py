@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_config: dict[str, str] = Field(default_factory=dict)
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_password: SecretStr = SecretStr("")
     app_id: str = ""
     batch_interval: float = 1.0
     num_partitions: int = 4
@@ -124,6 +125,7 @@ class Settings(BaseSettings):
         out = self.model_dump()
         out["redis_url"] = redact_url(self.redis_url.get_secret_value())
         out["secret"] = "***" if self.secret.get_secret_value() else ""
+        out["redis_password"] = "***" if self.redis_password.get_secret_value() else ""
         out["kafka_config"] = {
             k: ("***" if _SECRET_KAFKA_KEYS.search(k) else v) for k, v in self.kafka_config.items()
         }

@@ -1,0 +1,75 @@
+# dstream-fleet: the same checks everywhere (.ci/run calls `make lint` and `make test`).
+#   make setup   venv + editable install (only when pyproject.toml changed), Redis, Java,
+#                Maven, the Kafka jars (cached in ~/.cache/dstream-fleet) and helm
+#   make lint    ruff check, ruff format --check, mypy (strict)
+#   make test    the whole pytest suite (starts its own Kafka and Redis on free ports)
+#   make demo    dev services up, then the demo pipeline
+#   make bench   dev services up, then every benchmark
+#   make up / make down   start / stop the local dev Kafka and Redis
+#   make clean   caches and build artifacts (keeps .venv and the jar cache)
+
+SHELL := /bin/bash
+VENV := .venv
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup venv system-deps kafka-libs helm lint test demo bench up down clean
+
+setup: venv system-deps kafka-libs helm
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# reinstall only when pyproject.toml is newer than the last install
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+# Debian packages: installed only when missing, and only as root (else a clear error)
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
+	command -v mvn >/dev/null || missing="$$missing maven"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "missing:$$missing; install them: sudo apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+kafka-libs: venv system-deps
+	@$(PY) -m ops.devservices ensure
+
+helm:
+	@if [ -f ops/devkit/install_helm.sh ]; then bash ops/devkit/install_helm.sh; fi
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy engine state ops ingest
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+up: setup
+	$(VENV)/bin/dstream dev up
+
+down:
+	@if [ -x $(VENV)/bin/dstream ]; then $(VENV)/bin/dstream dev down; fi
+
+demo: up
+	$(PY) -m ops.demo
+
+bench: up
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist test-output *.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +

@@ -1,0 +1,451 @@
+"""The DStream graph: nodes created by the public API, validated when they are built.
+
+Every process imports the app file and calls ``build(ssc)``, so every process builds the
+same graph with the same node ids (ids are assigned in creation order). Tasks name
+operators by id; closures never travel over the network.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import GraphError
+
+#: Passed as the event to ``track``'s update function when a key timed out.
+TIMEOUT = object()
+
+_VALUE_FORMATS = ("json", "msgpack", "raw")
+
+
+def _check_callable(op: str, name: str, fn: Any) -> None:
+    if not callable(fn):
+        msg = f"{op}: {name} must be callable, got {type(fn).__name__} {fn!r}"
+        raise GraphError(msg)
+
+
+def _as_batches(seconds: float, interval: float, what: str, op: str) -> int:
+    """Convert a duration to a whole number of batch intervals, or raise GraphError."""
+    if seconds <= 0:
+        msg = f"{op}: {what} must be positive, got {seconds}s"
+        raise GraphError(msg)
+    n = round(seconds / interval)
+    if n < 1 or abs(n * interval - seconds) > 1e-6 * max(1.0, seconds):
+        msg = (
+            f"{op}: batch interval must divide the {what}: {what}={seconds:g}s, "
+            f"batch={interval:g}s; use a multiple of {interval:g}s"
+        )
+        raise GraphError(msg)
+    return n
+
+
+@dataclass(eq=False)
+class Node:
+    """One operator of the graph. ``kind`` selects its semantics; ``args`` holds its functions.
+
+    Attributes:
+        id: creation order, identical in every process that builds the same app.
+        kind: operator name (``map``, ``reduce_by_key``, ``window`` ...).
+        parents: input nodes.
+        args: operator arguments (functions, window lengths in batches ...).
+        name: label used in metrics, errors and dead-letter headers.
+    """
+
+    id: int
+    kind: str
+    parents: tuple[Node, ...]
+    args: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    def __repr__(self) -> str:
+        return f"<{self.kind}#{self.id}>"
+
+
+class DStream:
+    """A discretized stream: one immutable, partitioned dataset per batch interval.
+
+    Methods build new streams; nothing runs until the context is started. Semantics follow
+    Spark Streaming unless a docstring says otherwise.
+    """
+
+    def __init__(self, ssc: StreamingContext, node: Node) -> None:
+        self._ssc = ssc
+        self._node = node
+
+    @property
+    def node(self) -> Node:
+        return self._node
+
+    def _new(self, kind: str, parents: Sequence[DStream], **args: Any) -> DStream:
+        for p in parents:
+            if p._ssc is not self._ssc:
+                msg = f"{kind}: streams belong to different StreamingContexts"
+                raise GraphError(msg)
+        return self._ssc._add(kind, tuple(p._node for p in parents), args)
+
+    # -- stateless ---------------------------------------------------------------------
+    def map(self, fn: Callable[[Any], Any]) -> DStream:
+        _check_callable("map", "fn", fn)
+        return self._new("map", [self], fn=fn)
+
+    def flat_map(self, fn: Callable[[Any], Iterable[Any]]) -> DStream:
+        _check_callable("flat_map", "fn", fn)
+        return self._new("flat_map", [self], fn=fn)
+
+    def filter(self, fn: Callable[[Any], bool]) -> DStream:
+        _check_callable("filter", "fn", fn)
+        return self._new("filter", [self], fn=fn)
+
+    def map_values(self, fn: Callable[[Any], Any]) -> DStream:
+        _check_callable("map_values", "fn", fn)
+        return self._new("map_values", [self], fn=fn)
+
+    def flat_map_values(self, fn: Callable[[Any], Iterable[Any]]) -> DStream:
+        _check_callable("flat_map_values", "fn", fn)
+        return self._new("flat_map_values", [self], fn=fn)
+
+    def union(self, *others: DStream) -> DStream:
+        if not others:
+            msg = "union: give at least one other stream"
+            raise GraphError(msg)
+        return self._new("union", [self, *others])
+
+    def repartition(self, num_partitions: int) -> DStream:
+        self._ssc._check_partitions("repartition", num_partitions)
+        return self._new("repartition", [self], num_partitions=num_partitions)
+
+    def count(self) -> DStream:
+        """One record per batch: the number of records in the batch (0 for an empty batch)."""
+        return self._new("count", [self])
+
+    def count_by_value(self, num_partitions: int | None = None) -> DStream:
+        return self.map(lambda x: (x, 1)).reduce_by_key(operator.add, num_partitions)
+
+    def reduce(self, fn: Callable[[Any, Any], Any]) -> DStream:
+        """One record per non-empty batch: all records combined with the associative *fn*."""
+        _check_callable("reduce", "fn", fn)
+        return self._new("reduce", [self], fn=fn)
+
+    def reduce_by_key(
+        self, fn: Callable[[Any, Any], Any], num_partitions: int | None = None
+    ) -> DStream:
+        _check_callable("reduce_by_key", "fn", fn)
+        n = self._ssc._partitions("reduce_by_key", num_partitions)
+        return self._new("reduce_by_key", [self], fn=fn, num_partitions=n)
+
+    def group_by_key(self, num_partitions: int | None = None) -> DStream:
+        n = self._ssc._partitions("group_by_key", num_partitions)
+        return self._new("group_by_key", [self], num_partitions=n)
+
+    def cogroup(self, *others: DStream, num_partitions: int | None = None) -> DStream:
+        """``(k, (values_of_self, values_of_other, ...))`` for every key in any input."""
+        if not others:
+            msg = "cogroup: give at least one other stream"
+            raise GraphError(msg)
+        n = self._ssc._partitions("cogroup", num_partitions)
+        return self._new("cogroup", [self, *others], num_partitions=n)
+
+    def _join(self, other: DStream, how: str, num_partitions: int | None) -> DStream:
+        n = self._ssc._partitions(how, num_partitions)
+        return self._new("join", [self, other], how=how, num_partitions=n)
+
+    def join(self, other: DStream, num_partitions: int | None = None) -> DStream:
+        return self._join(other, "join", num_partitions)
+
+    def left_outer_join(self, other: DStream, num_partitions: int | None = None) -> DStream:
+        return self._join(other, "left_outer_join", num_partitions)
+
+    def right_outer_join(self, other: DStream, num_partitions: int | None = None) -> DStream:
+        return self._join(other, "right_outer_join", num_partitions)
+
+    def full_outer_join(self, other: DStream, num_partitions: int | None = None) -> DStream:
+        return self._join(other, "full_outer_join", num_partitions)
+
+    def transform(self, fn: Callable[..., Iterable[Any]]) -> DStream:
+        """Apply *fn* to a whole batch: ``fn(records)`` or ``fn(batch_time_ms, records)``.
+
+        The batch is gathered into one partition; *fn* must be deterministic.
+        """
+        _check_callable("transform", "fn", fn)
+        return self._new("transform", [self], fn=fn, with_time=_arity(fn) >= 2)
+
+    # -- windows -------------------------------------------------------------------------
+    def _window_args(self, op: str, window: float, slide: float | None) -> dict[str, int]:
+        iv = self._ssc.batch_interval
+        w = _as_batches(window, iv, "window", op)
+        s = _as_batches(slide if slide is not None else iv, iv, "slide", op)
+        if s > w:
+            msg = f"{op}: slide must not be longer than the window: window={window:g}s, slide={slide:g}s"
+            raise GraphError(msg)
+        return {"window": w, "slide": s}
+
+    def window(self, window: float, slide: float | None = None) -> DStream:
+        """All records of the last ``window`` seconds, every ``slide`` seconds."""
+        return self._new("window", [self], **self._window_args("window", window, slide))
+
+    def reduce_by_key_and_window(
+        self,
+        fn: Callable[[Any, Any], Any],
+        inv_fn: Callable[[Any, Any], Any] | None = None,
+        window: float = 0.0,
+        slide: float | None = None,
+        num_partitions: int | None = None,
+        filter_fn: Callable[[Any], bool] | None = None,
+    ) -> DStream:
+        """Per key, *fn* over the values of the window; incremental when *inv_fn* is given.
+
+        With *inv_fn* the window is updated as in the seed: add the newest slide, subtract
+        the slide that left. Keys stay with their (possibly zero) value unless *filter_fn*
+        (applied to ``(key, value)``) drops them, as in Spark.
+        """
+        _check_callable("reduce_by_key_and_window", "fn", fn)
+        if inv_fn is not None:
+            _check_callable("reduce_by_key_and_window", "inv_fn", inv_fn)
+        if filter_fn is not None:
+            _check_callable("reduce_by_key_and_window", "filter_fn", filter_fn)
+        wa = self._window_args("reduce_by_key_and_window", window, slide)
+        n = self._ssc._partitions("reduce_by_key_and_window", num_partitions)
+        return self._new(
+            "window_reduce", [self], fn=fn, inv_fn=inv_fn, filter_fn=filter_fn,
+            num_partitions=n, **wa,
+        )
+
+    def reduce_by_window(
+        self,
+        fn: Callable[[Any, Any], Any],
+        inv_fn: Callable[[Any, Any], Any] | None = None,
+        window: float = 0.0,
+        slide: float | None = None,
+    ) -> DStream:
+        """One record per window: all its records combined with *fn* (none if empty)."""
+        keyed = self.map(lambda x: (0, x))
+        red = keyed.reduce_by_key_and_window(fn, inv_fn, window, slide, num_partitions=1)
+        return red.map(_second)
+
+    def count_by_window(self, window: float, slide: float | None = None) -> DStream:
+        """One record per window: its record count (0 for an empty window)."""
+        counts = self.map(lambda _x: (0, 1)).reduce_by_key_and_window(
+            operator.add, operator.sub, window, slide, num_partitions=1
+        )
+        return counts.map(_second)
+
+    def count_by_value_and_window(
+        self, window: float, slide: float | None = None, num_partitions: int | None = None
+    ) -> DStream:
+        return self.map(lambda x: (x, 1)).reduce_by_key_and_window(
+            operator.add, operator.sub, window, slide, num_partitions, filter_fn=_nonzero_value
+        )
+
+    # -- state ---------------------------------------------------------------------------
+    def running_reduce(
+        self, fn: Callable[[Any, Any], Any], num_partitions: int | None = None
+    ) -> DStream:
+        """Per key, the running *fn*-reduction of all values so far (the seed's runningReduce).
+
+        Emits, per batch, ``(key, total)`` for the keys that had values in that batch.
+        """
+        _check_callable("running_reduce", "fn", fn)
+        n = self._ssc._partitions("running_reduce", num_partitions)
+        return self._new("state", [self], mode="running_reduce", fn=fn, num_partitions=n)
+
+    def update_state_by_key(
+        self, fn: Callable[[list[Any], Any], Any], num_partitions: int | None = None
+    ) -> DStream:
+        """Spark's updateStateByKey: ``fn(new_values, old_state_or_None) -> state or None``.
+
+        Called every batch for every key with new values or existing state; None deletes
+        the key. Emits ``(key, state)`` for the keys whose state changed (``None`` when
+        deleted).
+        """
+        _check_callable("update_state_by_key", "fn", fn)
+        n = self._ssc._partitions("update_state_by_key", num_partitions)
+        return self._new("state", [self], mode="update_state", fn=fn, num_partitions=n)
+
+    def track(
+        self,
+        init: Callable[[Any, Any], Any],
+        update: Callable[[Any, Any, Any], Any],
+        timeout: float | None = None,
+        num_partitions: int | None = None,
+    ) -> DStream:
+        """The seed's track: per key state from ``(key, event)`` records.
+
+        ``init(key, event)`` on a key's first event, ``update(key, state, event)`` for each
+        later event (in batch order); None deletes the key. A key without events for
+        ``timeout`` seconds (a multiple of the batch interval) gets one final
+        ``update(key, state, TIMEOUT)`` and is dropped; the changelog then carries what that
+        call returned. Emits ``(key, state)`` for changed keys (``None`` when deleted).
+        """
+        _check_callable("track", "init", init)
+        _check_callable("track", "update", update)
+        t = _as_batches(timeout, self._ssc.batch_interval, "timeout", "track") if timeout else 0
+        n = self._ssc._partitions("track", num_partitions)
+        return self._new(
+            "state", [self], mode="track", init=init, fn=update, timeout=t, num_partitions=n
+        )
+
+    def snapshot(self) -> DStream:
+        """The full state of a stateful stream, every batch, as ``(key, state)`` records."""
+        if self._node.kind != "state":
+            msg = f"snapshot: only stateful streams have a snapshot, not {self._node.kind}"
+            raise GraphError(msg)
+        return self._new("snapshot", [self])
+
+    # -- outputs -------------------------------------------------------------------------
+    def foreach_batch(self, fn: Callable[[int, list[Any]], None]) -> None:
+        """Call ``fn(batch_time_ms, records)`` once per batch, with the whole batch.
+
+        Runs where the output task runs (a worker on the fleet); once per batch under the
+        commit right, but a crash may repeat it: make *fn* idempotent by batch time.
+        """
+        _check_callable("foreach_batch", "fn", fn)
+        self._new("output", [self], sink="foreach", fn=fn)
+
+    def pprint(self, num: int = 10) -> None:
+        """Print the first *num* records of each batch, as Spark's ``pprint``."""
+        self._new("output", [self], sink="pprint", num=num)
+
+    def to_kafka(self, topic: str, format: str = "json") -> None:  # noqa: A002
+        """Write each batch exactly once to *topic* (``(key, value)`` records).
+
+        Message key = the key encoded with *format*, value likewise, header
+        ``dstream-batch`` = batch time in ms. Transactional: a ``read_committed`` consumer
+        sees every batch once.
+        """
+        if format not in ("json", "msgpack"):
+            msg = f"to_kafka: format must be json or msgpack, got {format!r}"
+            raise GraphError(msg)
+        if not topic:
+            msg = "to_kafka: topic must be a non-empty string"
+            raise GraphError(msg)
+        self._new("output", [self], sink="kafka", topic=topic, format=format)
+
+    def to_redis(self, key_pattern: str = "{key}", mode: str = "set", hash_name: str = "") -> None:
+        """Write ``(key, value)`` records to Redis, idempotent by batch.
+
+        ``mode="set"``: ``SET key_pattern.format(key=k) json(v)``; ``mode="hash"``:
+        ``HSET hash_name k json(v)``. Keys are prefixed with the app id.
+        """
+        if mode not in ("set", "hash"):
+            msg = f"to_redis: mode must be 'set' or 'hash', got {mode!r}"
+            raise GraphError(msg)
+        if mode == "hash" and not hash_name:
+            msg = "to_redis: mode='hash' needs hash_name"
+            raise GraphError(msg)
+        self._new("output", [self], sink="redis", key_pattern=key_pattern, mode=mode,
+                  hash_name=hash_name)
+
+
+def _second(kv: Any) -> Any:
+    return kv[1]
+
+
+def _nonzero_value(kv: Any) -> bool:
+    return bool(kv[1] != 0)
+
+
+def _arity(fn: Callable[..., Any]) -> int:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    return sum(
+        1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        and p.default is p.empty
+    )
+
+
+class StreamingContext:
+    """Entry point of an app: holds the batch interval and the graph built by ``build(ssc)``.
+
+    Args:
+        batch_interval: seconds per batch (e.g. 1.0 or 0.5).
+        num_partitions: default partition count of keyed operators; fixed for the app's
+            life, since state partitions are keyed by it.
+    """
+
+    def __init__(self, batch_interval: float = 1.0, num_partitions: int = 4) -> None:
+        if not 0.01 <= batch_interval <= 3600:
+            msg = f"batch interval must be between 0.01 s and 3600 s, got {batch_interval}"
+            raise GraphError(msg)
+        self.batch_interval = float(batch_interval)
+        self.num_partitions = self._check_partitions("StreamingContext", num_partitions)
+        self.nodes: list[Node] = []
+
+    @property
+    def batch_interval_ms(self) -> int:
+        return round(self.batch_interval * 1000)
+
+    @staticmethod
+    def _check_partitions(op: str, n: Any) -> int:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            msg = f"{op}: num_partitions must be a positive int, got {n!r}"
+            raise GraphError(msg)
+        return n
+
+    def _partitions(self, op: str, n: int | None) -> int:
+        return self.num_partitions if n is None else self._check_partitions(op, n)
+
+    def _add(self, kind: str, parents: tuple[Node, ...], args: dict[str, Any]) -> DStream:
+        node = Node(id=len(self.nodes), kind=kind, parents=parents, args=args)
+        node.name = f"{kind}#{node.id}"
+        self.nodes.append(node)
+        return DStream(self, node)
+
+    # -- sources -------------------------------------------------------------------------
+    def kafka_stream(
+        self,
+        topics: str | Sequence[str],
+        value_format: str = "json",
+        start: str = "earliest",
+        with_metadata: bool = False,
+    ) -> DStream:
+        """Records of Kafka *topics*, decoded with *value_format* (json, msgpack or raw).
+
+        With ``with_metadata`` each record is a dict with ``key``, ``value``, ``topic``,
+        ``partition``, ``offset`` and ``timestamp`` (ms). ``start="latest"`` skips history
+        on the app's first run; an app that ran before always resumes after its last batch.
+        """
+        names = [topics] if isinstance(topics, str) else list(topics)
+        if not names or not all(isinstance(t, str) and t for t in names):
+            msg = f"kafka_stream: topics must be non-empty strings, got {topics!r}"
+            raise GraphError(msg)
+        if value_format not in _VALUE_FORMATS:
+            msg = f"kafka_stream: value_format must be one of {_VALUE_FORMATS}, got {value_format!r}"
+            raise GraphError(msg)
+        if start not in ("earliest", "latest"):
+            msg = f"kafka_stream: start must be 'earliest' or 'latest', got {start!r}"
+            raise GraphError(msg)
+        return self._add(
+            "source",
+            (),
+            {"source": "kafka", "topics": tuple(sorted(set(names))), "value_format": value_format,
+             "start": start, "with_metadata": with_metadata},
+        )
+
+    def queue_stream(self, batches: Sequence[Sequence[Any]], default: Sequence[Any] = ()) -> DStream:
+        """A test source: batch i holds ``batches[i]`` (then *default* once they run out)."""
+        return self._add(
+            "source", (), {"source": "queue", "batches": [list(b) for b in batches],
+                           "default": list(default)},
+        )
+
+    def validate(self) -> None:
+        """Check graph-wide invariants; called when the context starts.
+
+        Raises:
+            GraphError: the graph has no source or no output.
+        """
+        if not any(n.kind == "source" for n in self.nodes):
+            msg = "the graph has no input stream: add kafka_stream(...) or queue_stream(...)"
+            raise GraphError(msg)
+        if not any(n.kind == "output" for n in self.nodes):
+            msg = (
+                "the graph has no output: add foreach_batch, to_kafka, to_redis or pprint "
+                "to a stream"
+            )
+            raise GraphError(msg)

@@ -1,0 +1,383 @@
+"""The task scheduler: a pure state machine shared by the in-process runner and the fleet.
+
+It takes events (a batch's input blocks are ready, a task finished or failed, a worker
+joined or was lost, the clock ticked) and returns instructions (launch this task attempt on
+that worker, free these blocks, a batch completed). It does no I/O and reads no clock: the
+caller passes ``now``. Lineage lives here: a needed block with no live holder is recomputed
+by re-running the task that produced it (or, for an input block, re-read from Kafka).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from engine._plan import Plan, TaskSpec, block_batch
+
+PENDING, RUNNING, DONE = "pending", "running", "done"
+
+
+@dataclass(frozen=True)
+class LaunchTask:
+    """Run attempt *attempt* of *spec* on *worker*."""
+
+    spec: TaskSpec
+    worker: str
+    attempt: int
+    speculative: bool = False
+
+
+@dataclass(frozen=True)
+class CancelTask:
+    """Another attempt finished first: the attempt's result is to be discarded."""
+
+    task_id: str
+    worker: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class FreeBlocks:
+    """*worker* may drop these blocks: no unfinished batch, window or state reads them."""
+
+    worker: str
+    block_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReadInput:
+    """Input block *block_id* is needed but has no live holder: re-read it from Kafka."""
+
+    block_id: str
+
+
+@dataclass(frozen=True)
+class BatchCompleted:
+    """Every output of *batch* committed."""
+
+    batch: int
+
+
+Instruction = LaunchTask | CancelTask | FreeBlocks | BatchCompleted | ReadInput
+
+
+@dataclass
+class _Task:
+    spec: TaskSpec
+    status: str = PENDING
+    attempts: dict[int, tuple[str, float]] = field(default_factory=dict)  # attempt -> (w, t0)
+    next_attempt: int = 0
+    duration: float = 0.0
+    committer: int | None = None
+    speculated: bool = False
+    speculative_attempts: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Batch:
+    tasks: list[str]
+    outputs_left: set[str]
+    start: float
+    first_launch: float | None = None
+
+
+@dataclass
+class SchedulerStats:
+    """Counters the shell exports as metrics."""
+
+    launched: int = 0
+    retried: int = 0
+    speculative_launched: int = 0
+    speculative_won: int = 0
+    recomputed: int = 0
+
+
+class Scheduler:
+    """Locality-aware task scheduling with lineage recovery and speculation.
+
+    Args:
+        plan: the compiled graph.
+        first: the app's first batch.
+        speculation: launch copies of stragglers.
+        multiplier: a task is a straggler past ``multiplier`` x its stage's median.
+        quantile: share of a stage that must have finished before speculating.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        first: int,
+        *,
+        speculation: bool = False,
+        multiplier: float = 1.4,
+        quantile: float = 0.75,
+        min_straggler_seconds: float = 0.05,
+    ) -> None:
+        self.plan = plan
+        self.first = first
+        self.speculation = speculation
+        self.multiplier = multiplier
+        self.quantile = quantile
+        self.min_straggler_seconds = min_straggler_seconds
+        self.slots: dict[str, int] = {}
+        self.busy: dict[str, int] = {}
+        self.tasks: dict[str, _Task] = {}
+        self.batches: dict[int, _Batch] = {}
+        self.locations: dict[str, set[str]] = {}
+        self.sizes: dict[str, int] = {}
+        self.completed: list[int] = []
+        self.stats = SchedulerStats()
+        self._reading: set[str] = set()
+
+    # -- membership ------------------------------------------------------------------------
+    def add_worker(self, worker: str, slots: int) -> None:
+        self.slots[worker] = slots
+        self.busy.setdefault(worker, 0)
+
+    def remove_worker(self, worker: str) -> list[Instruction]:
+        """A worker is gone: its blocks are lost, its running attempts rerun elsewhere."""
+        self.slots.pop(worker, None)
+        self.busy.pop(worker, None)
+        for holders in self.locations.values():
+            holders.discard(worker)
+        for t in self.tasks.values():
+            lost = [a for a, (w, _) in t.attempts.items() if w == worker]
+            for a in lost:
+                del t.attempts[a]
+                if t.committer == a:
+                    t.committer = None
+            if t.status == RUNNING and not t.attempts:
+                t.status = PENDING
+                self.stats.retried += 1
+        return []
+
+    @property
+    def workers(self) -> list[str]:
+        return sorted(self.slots)
+
+    # -- blocks ----------------------------------------------------------------------------
+    def block_added(self, block_id: str, worker: str, size: int = 0) -> None:
+        self._reading.discard(block_id)
+        if worker in self.slots:
+            self.locations.setdefault(block_id, set()).add(worker)
+            if size:
+                self.sizes[block_id] = size
+    
+    def block_lost(self, block_id: str, worker: str) -> None:
+        """A fetch found *block_id* missing on *worker*."""
+        self.locations.get(block_id, set()).discard(worker)
+
+    def holders(self, block_id: str) -> set[str]:
+        return self.locations.get(block_id, set())
+
+    # -- batches ---------------------------------------------------------------------------
+    def add_batch(self, b: int, now: float) -> list[TaskSpec]:
+        """Plan batch *b*; its input blocks are reported with :meth:`block_added`."""
+        specs = self.plan.tasks_for_batch(b, self.first)
+        ids: list[str] = []
+        outputs: set[str] = set()
+        for s in specs:
+            self.tasks[s.id] = _Task(s)
+            ids.append(s.id)
+            if s.kind == "output":
+                outputs.add(s.id)
+        self.batches[b] = _Batch(ids, outputs, now)
+        return specs
+
+    def pending_batches(self) -> list[int]:
+        return sorted(self.batches)
+
+    # -- task events -----------------------------------------------------------------------
+    def request_commit(self, task_id: str, attempt: int) -> bool:
+        """Grant the commit right of an output task to the first attempt that asks."""
+        t = self.tasks.get(task_id)
+        if t is None or t.status == DONE or attempt not in t.attempts:
+            return False
+        if t.committer is None:
+            t.committer = attempt
+        return t.committer == attempt
+
+    def task_finished(
+        self, task_id: str, attempt: int, worker: str, now: float, size: int = 0
+    ) -> list[Instruction]:
+        """An attempt finished (output tasks: after committing). First one wins."""
+        t = self.tasks.get(task_id)
+        out: list[Instruction] = []
+        if t is None or t.status == DONE or attempt not in t.attempts:
+            return out
+        if t.spec.kind == "output" and t.committer != attempt:
+            return out
+        w, t0 = t.attempts.pop(attempt)
+        self.busy[w] = max(0, self.busy.get(w, 1) - 1)
+        t.status = DONE
+        t.duration = now - t0
+        if attempt in t.speculative_attempts:
+            self.stats.speculative_won += 1
+        for a, (ow, _) in t.attempts.items():
+            self.busy[ow] = max(0, self.busy.get(ow, 1) - 1)
+            out.append(CancelTask(task_id, ow, a))
+        t.attempts.clear()
+        if t.spec.kind != "output":
+            self.block_added(task_id, worker, size)
+        batch = self.batches.get(t.spec.batch)
+        if batch is not None:
+            batch.outputs_left.discard(task_id)
+            if not batch.outputs_left and all(
+                self.tasks[x].status == DONE for x in batch.tasks if x in self.tasks
+            ):
+                out.extend(self._complete(t.spec.batch))
+        return out
+
+    def task_failed(self, task_id: str, attempt: int, worker: str,
+                    missing: str | None = None) -> None:
+        """An attempt failed; with *missing*, because that input block was gone."""
+        t = self.tasks.get(task_id)
+        if missing:
+            self.block_lost(missing, worker if missing in self.locations else worker)
+            for holders in [self.locations.get(missing, set())]:
+                holders.discard(worker)
+        if t is None or attempt not in t.attempts:
+            return
+        w, _ = t.attempts.pop(attempt)
+        self.busy[w] = max(0, self.busy.get(w, 1) - 1)
+        if t.committer == attempt:
+            t.committer = None
+        if t.status == RUNNING and not t.attempts:
+            t.status = PENDING
+            self.stats.retried += 1
+
+    def _complete(self, b: int) -> list[Instruction]:
+        self.completed.append(b)
+        out: list[Instruction] = [BatchCompleted(b)]
+        done_upto = self._done_upto()
+        # forget finished batches and free what no later batch reads
+        for ob in sorted(self.batches):
+            if ob > done_upto:
+                break
+            for x in self.batches.pop(ob).tasks:
+                self.tasks.pop(x, None)
+        per_worker: dict[str, list[str]] = {}
+        for bid in list(self.locations):
+            if self.plan.freeable(bid, done_upto) and not self._needed_by_pending(bid):
+                for w in self.locations.pop(bid):
+                    per_worker.setdefault(w, []).append(bid)
+                self.sizes.pop(bid, None)
+        for w, ids in sorted(per_worker.items()):
+            out.append(FreeBlocks(w, tuple(sorted(ids))))
+        return out
+
+    def _done_upto(self) -> int:
+        """Every batch up to this one is complete (batches complete out of order)."""
+        pending = [b for b in self.batches if self.batches[b].outputs_left or any(
+            self.tasks[x].status != DONE for x in self.batches[b].tasks if x in self.tasks)]
+        if pending:
+            return min(pending) - 1
+        return max(self.completed) if self.completed else self.first - 1
+
+    def _needed_by_pending(self, block_id: str) -> bool:
+        b = block_batch(block_id)
+        return any(ob >= b for ob in self.batches)
+
+    # -- launching -------------------------------------------------------------------------
+    def _missing_inputs(self, t: _Task) -> list[str]:
+        return [bid for bid, _ in t.spec.inputs if not self.locations.get(bid)]
+
+    def tick(self, now: float) -> list[Instruction]:
+        """Launch ready tasks into free slots (locality first), then speculative copies."""
+        out: list[Instruction] = []
+        free = {w: self.slots[w] - self.busy.get(w, 0) for w in self.slots}
+        if not any(v > 0 for v in free.values()):
+            return out
+        for b in sorted(self.batches):
+            for tid in self.batches[b].tasks:
+                t = self.tasks.get(tid)
+                if t is None or t.status != PENDING:
+                    continue
+                missing = self._missing_inputs(t)
+                if missing:
+                    out.extend(self._recompute(missing))
+                    continue
+                w = self._pick_worker(t.spec, free)
+                if w is None:
+                    return out
+                out.append(self._launch(t, w, now, speculative=False))
+                free[w] -= 1
+        if self.speculation:
+            out.extend(self._speculate(now, free))
+        return out
+
+    def _launch(self, t: _Task, w: str, now: float, speculative: bool) -> LaunchTask:
+        a = t.next_attempt
+        t.next_attempt += 1
+        t.attempts[a] = (w, now)
+        t.status = RUNNING
+        self.busy[w] = self.busy.get(w, 0) + 1
+        self.stats.launched += 1
+        batch = self.batches.get(t.spec.batch)
+        if batch is not None and batch.first_launch is None:
+            batch.first_launch = now
+        return LaunchTask(t.spec, w, a, speculative)
+
+    def _pick_worker(self, spec: TaskSpec, free: dict[str, int],
+                     exclude: Iterable[str] = ()) -> str | None:
+        ex = set(exclude)
+        best: str | None = None
+        best_score = -1
+        for w in sorted(free):
+            if free[w] <= 0 or w in ex:
+                continue
+            score = sum(self.sizes.get(bid, 1) for bid, _ in spec.inputs
+                        if w in self.locations.get(bid, ()))
+            if score > best_score or (score == best_score and best is not None
+                                      and free[w] > free[best]):
+                best, best_score = w, score
+        return best
+
+    def _recompute(self, missing: list[str]) -> list[Instruction]:
+        """Lineage: re-run the finished tasks whose blocks are needed but lost.
+
+        A lost input block has no task: the shell re-reads it from Kafka by its logged
+        offset range (asked once per loss, with :class:`ReadInput`).
+        """
+        out: list[Instruction] = []
+        for bid in missing:
+            t = self.tasks.get(bid)
+            if t is not None and t.status == DONE:
+                t.status = PENDING
+                self.stats.recomputed += 1
+            elif bid.startswith("in/") and bid not in self._reading:
+                self._reading.add(bid)
+                out.append(ReadInput(bid))
+        return out
+
+    def _speculate(self, now: float, free: dict[str, int]) -> list[Instruction]:
+        out: list[Instruction] = []
+        by_stage: dict[tuple[str, int], list[_Task]] = {}
+        for t in self.tasks.values():
+            by_stage.setdefault((t.spec.stage, t.spec.batch), []).append(t)
+        for group in by_stage.values():
+            done = [t.duration for t in group if t.status == DONE]
+            if len(group) < 2 or len(done) < self.quantile * len(group):
+                continue
+            threshold = max(self.min_straggler_seconds,
+                            self.multiplier * statistics.median(done))
+            for t in group:
+                if t.status != RUNNING or t.speculated or len(t.attempts) != 1:
+                    continue
+                (w, t0), = t.attempts.values()
+                if now - t0 <= threshold:
+                    continue
+                target = self._pick_worker(t.spec, free, exclude=[w])
+                if target is None:
+                    return out
+                t.speculated = True
+                self.stats.speculative_launched += 1
+                launch = self._launch(t, target, now, speculative=True)
+                t.speculative_attempts.add(launch.attempt)
+                out.append(launch)
+                free[target] -= 1
+        return out
+
+    def idle(self) -> bool:
+        return not self.batches

@@ -45,7 +45,7 @@ system-deps:
 	fi
 
 kafka-libs: venv system-deps
-	@$(PY) -m ops.devservices ensure
+	@$(VENV)/bin/dstream dev ensure
 
 helm:
 	@if [ -f ops/devkit/install_helm.sh ]; then bash ops/devkit/install_helm.sh; fi

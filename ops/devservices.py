@@ -37,42 +37,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.errors import ServiceError
-
-__all__ = [
-    "DEFAULT_CONTROLLER_PORT",
-    "DEFAULT_KAFKA_PORT",
-    "DEFAULT_REDIS_PORT",
-    "KAFKA_START_TIMEOUT_S",
-    "KAFKA_VERSION",
-    "REDIS_START_TIMEOUT_S",
-    "DevServices",
-    "DevState",
-    "KafkaHandle",
-    "RedisHandle",
-    "cache_dir",
-    "dev_home",
-    "discovered_env",
-    "down",
-    "ensure_kafka_libs",
-    "ensure_port_free",
-    "ensure_redis_server",
-    "find_executable",
-    "free_port",
-    "load_state",
-    "new_cluster_id",
-    "render_server_properties",
-    "save_state",
-    "start_kafka",
-    "start_redis",
-    "status",
-    "up",
-]
 
 #: Must match ``kafka.version`` in ``ops/devkit/pom.xml``.
 KAFKA_VERSION = "4.3.1"
@@ -101,21 +71,7 @@ _REDIS_MARK = "redis-server"
 # Kafka children started by this process, kept so they are reaped (no zombies) on stop.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
-_LOG4J2 = """\
-status = warn
-appender.out.type = Console
-appender.out.name = OUT
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = INFO
-rootLogger.appenderRef.out.ref = OUT
-logger.kafka.name = kafka
-logger.kafka.level = INFO
-logger.state.name = state.change.logger
-logger.state.level = WARN
-logger.request.name = kafka.request.logger
-logger.request.level = WARN
-"""
+_LOG4J2 = _DEVKIT / "log4j2.properties"
 
 
 # --------------------------------------------------------------------------- locations
@@ -258,6 +214,11 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(tail) if tail else f"(empty log at {path})"
 
 
+def _out(proc: subprocess.CompletedProcess[str]) -> str:
+    """The last lines of a finished command's stdout and stderr, for an error message."""
+    return "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-LOG_TAIL_LINES:])
+
+
 def find_executable(name: str, hint: str, explicit: str | None = None) -> str:
     """Return the path of *name* (or of *explicit* when given); raise when it is missing.
 
@@ -338,10 +299,7 @@ def ensure_kafka_libs(
             msg = f"mvn did not resolve the Kafka jars within {MVN_TIMEOUT_S:.0f} s"
             raise ServiceError(msg) from e
         if proc.returncode != 0 or not any(tmp.glob("kafka_2.13-*.jar")):
-            out = (proc.stdout + proc.stderr).strip().splitlines()[-LOG_TAIL_LINES:]
-            msg = f"mvn could not resolve the Kafka jars (exit {proc.returncode}):\n" + "\n".join(
-                out
-            )
+            msg = f"mvn could not resolve the Kafka jars (exit {proc.returncode}):\n{_out(proc)}"
             raise ServiceError(msg)
         shutil.rmtree(libs, ignore_errors=True)
         tmp.rename(libs)
@@ -439,14 +397,7 @@ class KafkaHandle:
         (self.home / "kafka.pid").unlink(missing_ok=True)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "port": self.port,
-            "controller_port": self.controller_port,
-            "home": str(self.home),
-            "host": self.host,
-            "bootstrap": self.bootstrap,
-        }
+        return {**asdict(self), "home": str(self.home), "bootstrap": self.bootstrap}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> KafkaHandle:
@@ -499,7 +450,7 @@ def start_kafka(
     props = home / "server.properties"
     props.write_text(render_server_properties(data, port, controller_port, extra=extra_properties))
     log4j = home / "log4j2.properties"
-    log4j.write_text(_LOG4J2)
+    shutil.copyfile(_LOG4J2, log4j)
     log_path = home / "kafka.log"
     base = [java_bin, f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{libs}/*"]
     fmt = subprocess.run(
@@ -518,8 +469,7 @@ def start_kafka(
         timeout=120,
     )
     if fmt.returncode != 0:
-        out = (fmt.stdout + fmt.stderr).strip().splitlines()[-LOG_TAIL_LINES:]
-        msg = f"Kafka storage format failed (exit {fmt.returncode}):\n" + "\n".join(out)
+        msg = f"Kafka storage format failed (exit {fmt.returncode}):\n{_out(fmt)}"
         raise ServiceError(msg)
     jvm = [KAFKA_HEAP, "-Xms128m", "-XX:+UseG1GC", "-XX:+ExitOnOutOfMemoryError"]
     jvm += ["-Djava.awt.headless=true", f"-Dkafka.logs.dir={home}"]
@@ -591,8 +541,7 @@ def ensure_redis_server(explicit: str | None = None) -> str:
         "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
     )
     if proc.returncode != 0 or not found:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-LOG_TAIL_LINES:])
-        msg = f"apt-get install redis-server failed (exit {proc.returncode}):\n{tail}"
+        msg = f"apt-get install redis-server failed (exit {proc.returncode}):\n{_out(proc)}"
         raise ServiceError(msg)
     return found
 
@@ -625,8 +574,7 @@ class RedisHandle:
         (self.home / "redis.pid").unlink(missing_ok=True)
 
     def to_json(self) -> dict[str, Any]:
-        d = {"pid": self.pid, "port": self.port, "home": str(self.home), "host": self.host}
-        return {**d, "url": self.url}
+        return {**asdict(self), "home": str(self.home), "url": self.url}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> RedisHandle:
@@ -917,7 +865,9 @@ class DevServices:
         if external:
             return external
         if self.kafka is None:
-            self.kafka = start_kafka(self.home / "kafka", free_port(), free_port())
+            port = free_port()
+            controller = next(p for p in iter(free_port, None) if p != port)
+            self.kafka = start_kafka(self.home / "kafka", port, controller)
         return self.kafka.bootstrap
 
     @property
@@ -943,24 +893,3 @@ class DevServices:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ops.devservices ensure``: resolve the Kafka jars and redis-server only."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args != ["ensure"]:
-        print("usage: python -m ops.devservices ensure", file=sys.stderr)
-        return 2
-    try:
-        find_executable("java", _JAVA_HINT)
-        libs = ensure_kafka_libs(quiet=False)
-        redis_bin = ensure_redis_server()
-    except ServiceError as e:
-        print(f"dstream: {e}", file=sys.stderr)
-        return 1
-    print(f"kafka jars: {libs}\nredis-server: {redis_bin}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -425,6 +425,7 @@ class Executor:
         fn, inv = n.args["fn"], n.args.get("inv_fn")
         b, s, w = spec.batch, n.args["slide"], n.args["window"]
         acc: dict[Any, Any] = {}
+        olds: list[Any] = []
 
         def fold(key: Any, v: Any, f: Callable[[Any, Any], Any]) -> None:
             try:
@@ -432,20 +433,26 @@ class Executor:
             except Exception as e:
                 ctx.dead_letter(n.name, e, (key, v))
 
-        olds: list[Any] = []
+        news: list[Any] = []
         for bid, _ in spec.inputs:
             records = unpack(fetch(bid, -1))
             if block_node(bid) == n.id:  # the previous window
                 acc.update(records)
             elif inv is None or block_batch(bid) > b - s:
-                for key, v in records:
-                    fold(key, v, fn)
+                news.append(records)
             else:
                 olds.append(records)
+        # as Spark's ReducedWindowedDStream: the slide that left is subtracted only from
+        # keys of the previous window (a key filter_fn dropped has nothing to subtract
+        # from), then the newest slide is added
+        prev_keys = set(acc)
         for records in olds:
             for key, v in records:
-                if key in acc:
+                if key in prev_keys:
                     fold(key, v, inv)
+        for records in news:
+            for key, v in records:
+                fold(key, v, fn)
         filt = n.args.get("filter_fn")
         items = list(acc.items())
         if filt is not None:

@@ -219,14 +219,20 @@ class DStream:
         window: float = 0.0,
         slide: float | None = None,
     ) -> DStream:
-        """One record per window: all its records combined with *fn* (none if empty)."""
+        """One record per window: all its records combined with *fn*.
+
+        Without *inv_fn* an empty window gives no record; with *inv_fn* (as in Spark) the
+        window's value stays once set, and is the inverse's result after records left.
+        """
         keyed = self.map(lambda x: (0, x))
         red = keyed.reduce_by_key_and_window(fn, inv_fn, window, slide, num_partitions=1)
         return red.map(_second)
 
     def count_by_window(self, window: float, slide: float | None = None) -> DStream:
         """One record per window: its record count (0 for an empty window)."""
-        counts = self.map(lambda _x: (0, 1)).reduce_by_key_and_window(
+        # count() gives one record per batch, also for an empty batch, so even a window
+        # before the first record has its count (0)
+        counts = self.count().map(_zero_key).reduce_by_key_and_window(
             operator.add, operator.sub, window, slide, num_partitions=1
         )
         return counts.map(_second)
@@ -338,6 +344,10 @@ class DStream:
                   hash_name=hash_name)
 
 
+def _zero_key(x: Any) -> tuple[int, Any]:
+    return 0, x
+
+
 def _second(kv: Any) -> Any:
     return kv[1]
 
@@ -375,6 +385,7 @@ class StreamingContext:
         self.batch_interval = float(batch_interval)
         self.num_partitions = self._check_partitions("StreamingContext", num_partitions)
         self.nodes: list[Node] = []
+        self._slides: dict[int, int] = {}  # node id -> slide in batches
 
     @property
     def batch_interval_ms(self) -> int:
@@ -391,10 +402,35 @@ class StreamingContext:
         return self.num_partitions if n is None else self._check_partitions(op, n)
 
     def _add(self, kind: str, parents: tuple[Node, ...], args: dict[str, Any]) -> DStream:
+        slide = self._check_slides(kind, parents, args)
         node = Node(id=len(self.nodes), kind=kind, parents=parents, args=args)
         node.name = f"{kind}#{node.id}"
         self.nodes.append(node)
+        self._slides[node.id] = slide
         return DStream(self, node)
+
+    def _check_slides(self, kind: str, parents: tuple[Node, ...], args: dict[str, Any]) -> int:
+        """The slide (in batches) of a new node; GraphError when its inputs' slides clash."""
+        iv = self.batch_interval
+        pp = [self._slides[p.id] for p in parents]
+        if len(set(pp)) > 1:
+            shown = ", ".join(f"{x * iv:g}s" for x in pp)
+            msg = (
+                f"{kind}: inputs have different slide intervals ({shown}); union, join and "
+                "cogroup need streams with the same slide (window them alike)"
+            )
+            raise GraphError(msg)
+        base = pp[0] if pp else 1
+        if kind not in ("window", "window_reduce"):
+            return base
+        w, sl = args["window"], args["slide"]
+        if w % base or sl % base:
+            msg = (
+                f"{kind}: window={w * iv:g}s and slide={sl * iv:g}s must be multiples of "
+                f"the input stream's slide ({base * iv:g}s)"
+            )
+            raise GraphError(msg)
+        return int(sl)
 
     # -- sources -------------------------------------------------------------------------
     def kafka_stream(

@@ -138,13 +138,16 @@ class ReferenceRunner:
             acc = _fold([x for batch in self._window(n, b - w, b) for x in batch], fn)
         else:
             acc = dict(self.states.get(n.id, {})) if b - s >= self.first else {}
+            prev_keys = set(acc)
+            # Spark: subtract the slide that left from the previous window's keys only,
+            # then add the newest slide
+            for batch in self._window(n, b - s - w, b - w):
+                for kk, v in batch:
+                    if kk in prev_keys:
+                        acc[kk] = inv(acc[kk], v)
             for batch in self._window(n, b - s, b):
                 for kk, v in batch:
                     acc[kk] = fn(acc[kk], v) if kk in acc else v
-            for batch in self._window(n, b - s - w, b - w):
-                for kk, v in batch:
-                    if kk in acc:
-                        acc[kk] = inv(acc[kk], v)
         items = list(acc.items())
         if a.get("filter_fn") is not None:
             items = [kv for kv in items if a["filter_fn"](kv)]

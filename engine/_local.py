@@ -95,7 +95,7 @@ class LocalRunner:
         spec = ins.spec
         size = 0
         if spec.kind == "output":
-            if not self.scheduler.request_commit(spec.id, ins.attempt):
+            if self.scheduler.request_commit(spec.id, ins.attempt) != "granted":
                 return
             node = self.plan.by_id[spec.node]
             self.sinks.commit(node, spec, spec.batch * self.ssc.batch_interval_ms, res.records)

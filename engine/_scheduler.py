@@ -189,14 +189,31 @@ class Scheduler:
         return sorted(self.batches)
 
     # -- task events -----------------------------------------------------------------------
-    def request_commit(self, task_id: str, attempt: int) -> bool:
-        """Grant the commit right of an output task to the first attempt that asks."""
+    def request_commit(self, task_id: str, attempt: int) -> str:
+        """The commit right of an output task: ``granted`` to the first attempt that asks.
+
+        Returns ``denied`` to any other attempt, and ``wait`` while an earlier batch of the
+        same output partition has not committed (outputs commit in batch order, so a
+        consumer of the output sees batches in order and a sink's "last batch written"
+        marker is exact).
+        """
         t = self.tasks.get(task_id)
         if t is None or t.status == DONE or attempt not in t.attempts:
-            return False
+            return "denied"
+        if self._earlier_output_pending(t.spec):
+            return "wait"
         if t.committer is None:
             t.committer = attempt
-        return t.committer == attempt
+        return "granted" if t.committer == attempt else "denied"
+
+    def _earlier_output_pending(self, spec: TaskSpec) -> bool:
+        for b in self.batches:
+            if b >= spec.batch:
+                continue
+            other = self.tasks.get(f"out/{spec.node}/{b}/{spec.part}")
+            if other is not None and other.status != DONE:
+                return True
+        return False
 
     def task_finished(
         self, task_id: str, attempt: int, worker: str, now: float, size: int = 0
@@ -293,6 +310,8 @@ class Scheduler:
             for tid in self.batches[b].tasks:
                 t = self.tasks.get(tid)
                 if t is None or t.status != PENDING:
+                    continue
+                if t.spec.kind == "output" and self._earlier_output_pending(t.spec):
                     continue
                 missing = self._missing_inputs(t)
                 if missing:

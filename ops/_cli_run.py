@@ -1,11 +1,191 @@
-"""Placeholder sub-command module (filled in by its owner)."""
+"""``dstream run``, ``dstream coordinator``, ``dstream worker`` and ``dstream status``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
 from typing import Any
+
+from engine.errors import ConfigError
+
+log = logging.getLogger("dstream.run")
+
+#: Grace period for children to stop after SIGTERM before they are killed.
+STOP_GRACE_S = 15.0
+
+
+def _common(p: argparse.ArgumentParser, app_positional: bool = False) -> None:
+    if app_positional:
+        p.add_argument("app", help="the app file (defines build(ssc))")
+    else:
+        p.add_argument("--app", required=True, help="the app file (defines build(ssc))")
+    p.add_argument("--app-id", help="app identity: prefixes Redis keys and transactional ids")
+    p.add_argument("--batch-interval", type=float, help="seconds per batch (default 1.0)")
+    p.add_argument("--num-partitions", type=int, help="partitions of keyed operators")
+    p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers")
+    p.add_argument("--redis-url", help="Redis URL (redis:// or rediss://)")
+    p.add_argument("--checkpoint-every", type=int, help="batches between state checkpoints")
+    p.add_argument("--log-level", default=os.environ.get("DSTREAM_LOG_LEVEL", "INFO"))
 
 
 def register(sub: Any) -> None:
-    """Add this module's sub-commands to *sub* (an argparse sub-parsers action)."""
-    _ = (sub, argparse)
+    """Add run, coordinator, worker and status."""
+    p = sub.add_parser("run", help="run an app on a local fleet (coordinator + N workers)")
+    _common(p, app_positional=True)
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("coordinator", help="run the coordinator")
+    _common(p)
+    p.add_argument("--expect-workers", type=int, default=1,
+                   help="workers to wait for before the first batch")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("worker", help="run a worker")
+    _common(p)
+    p.add_argument("--coordinator", help="coordinator address host:port")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("status", help="show batches, workers and receivers of a running app")
+    p.add_argument("--coordinator", help="coordinator address host:port")
+    p.add_argument("--json", action="store_true", help="print raw JSON")
+    p.set_defaults(func=cmd_status)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr,
+    )
+
+
+def _settings(args: argparse.Namespace, **more: Any) -> Any:
+    from ops.services import settings_from
+
+    return settings_from(
+        app_id=args.app_id, batch_interval=args.batch_interval,
+        num_partitions=args.num_partitions, kafka_bootstrap=args.kafka_bootstrap,
+        redis_url=args.redis_url, checkpoint_every=args.checkpoint_every, **more,
+    )
+
+
+def _require_secret(settings: Any) -> None:
+    if not settings.secret.get_secret_value():
+        msg = ("DSTREAM_SECRET is not set: the RPC transport needs a shared secret "
+               "(dstream run generates one for its local fleet)")
+        raise ConfigError(msg)
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from ops.coordinator import run_coordinator
+    from ops.services import app_id_for
+
+    _setup_logging(args.log_level)
+    settings = _settings(args)
+    _require_secret(settings)
+    log.info("settings: %s", settings.redacted())
+    return run_coordinator(settings, args.app, app_id_for(args.app, settings),
+                           args.expect_workers)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from ops.services import app_id_for
+    from ops.worker import run_worker
+
+    _setup_logging(args.log_level)
+    settings = _settings(args, coordinator=args.coordinator)
+    _require_secret(settings)
+    return run_worker(settings, args.app, app_id_for(args.app, settings))
+
+
+def _die_with_parent() -> None:
+    """Child processes get SIGTERM if `dstream run` dies (Linux prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Start a coordinator and N workers as child processes; Ctrl-C stops them all."""
+    from ops.devservices import free_port
+    from ops.services import app_id_for
+
+    _setup_logging(args.log_level)
+    if args.workers < 1:
+        msg = f"--workers must be at least 1, got {args.workers}"
+        raise ConfigError(msg)
+    settings = _settings(args)
+    app_id = app_id_for(args.app, settings)
+    env = dict(os.environ)
+    env["DSTREAM_SECRET"] = env.get("DSTREAM_SECRET") or secrets.token_hex(32)
+    env["DSTREAM_COORDINATOR"] = f"127.0.0.1:{free_port()}"
+    env["DSTREAM_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+    env["DSTREAM_REDIS_URL"] = settings.redis_url.get_secret_value()
+    env["DSTREAM_APP_ID"] = app_id
+    env["DSTREAM_BATCH_INTERVAL"] = str(settings.batch_interval)
+    env["DSTREAM_NUM_PARTITIONS"] = str(settings.num_partitions)
+    if args.checkpoint_every:
+        env["DSTREAM_CHECKPOINT_EVERY"] = str(args.checkpoint_every)
+    base = [sys.executable, "-m", "ops.cli"]
+    common = ["--app", args.app, "--log-level", args.log_level]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(subprocess.Popen(
+            [*base, "coordinator", *common, "--expect-workers", str(args.workers)],
+            env=env, preexec_fn=_die_with_parent))  # noqa: PLW1509
+        for _ in range(args.workers):
+            procs.append(subprocess.Popen([*base, "worker", *common], env=env,
+                                          preexec_fn=_die_with_parent))  # noqa: PLW1509
+        log.info("fleet of app %s: coordinator %s and %d workers", app_id,
+                 env["DSTREAM_COORDINATOR"], args.workers)
+        while True:
+            for p in procs:
+                code = p.poll()
+                if code is not None:
+                    log.error("process %d exited with %d; stopping the fleet", p.pid, code)
+                    return code or 1
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        log.info("stopping the fleet")
+        return 0
+    finally:
+        _stop_all(procs)
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        for p in reversed(procs):  # workers first, then the coordinator
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ops.rpc import RpcClient
+    from ops.services import settings_from
+    from ops.status import format_status
+
+    settings = settings_from(coordinator=args.coordinator)
+    _require_secret(settings)
+    client = RpcClient(settings.coordinator, secret=settings.secret.get_secret_value().encode())
+    try:
+        st = client.call("status", timeout=10)
+    finally:
+        client.close()
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0

@@ -1,0 +1,206 @@
+"""Receivers: poll assigned Kafka partitions into the current interval's blocks.
+
+One confluent-kafka consumer per worker serves every partition the coordinator assigned
+to it, with ``assign()`` (no consumer-group rebalancing: the coordinator is the authority;
+offsets are ours, nothing is committed to Kafka). Records are kept raw (bytes) and decoded
+once, by the first task that reads the block. At each batch boundary the coordinator calls
+:meth:`Receivers.seal`, which cuts every partition's block at its current position: the
+block of batch ``b`` holds exactly the offsets ``[from, until)``.
+
+Backpressure: at most ``max_records`` records per partition per batch (the coordinator may
+lower it adaptively); a partition that reaches its cap is paused until the next seal, and
+the surplus is re-read later (its position is rewound to ``until``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine._codec import encode_input_block
+
+log = logging.getLogger("dstream.receiver")
+
+#: How long one poll waits for records: short, so seals and shutdowns are prompt.
+POLL_TIMEOUT_S = 0.05
+#: Records fetched per consume() call: large, to amortise the per-call overhead.
+POLL_BATCH = 10_000
+
+
+@dataclass
+class _Part:
+    """The block being filled for one assigned partition."""
+
+    node: int
+    index: int
+    topic: str
+    partition: int
+    start: int  # first offset of the current block
+    position: int  # next offset to read (== until of the current block)
+    with_meta: bool
+    values: list[Any] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    keys: list[Any] = field(default_factory=list)
+    stamps: list[int] = field(default_factory=list)
+    paused: bool = False
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One partition a worker must read: source node, index in the node's partitions."""
+
+    node: int
+    index: int
+    topic: str
+    partition: int
+    start: int
+    with_meta: bool = False
+
+
+@dataclass(frozen=True)
+class SealedBlock:
+    block_id: str
+    topic: str
+    partition: int
+    start: int
+    until: int
+    count: int
+    data: bytes
+
+
+class Receivers:
+    """All receivers of one worker, over one consumer.
+
+    Args:
+        consumer_config: librdkafka settings (bootstrap, pass-through client settings).
+        max_records: cap of records per partition per batch (0 = none).
+    """
+
+    def __init__(self, consumer_config: dict[str, Any], max_records: int = 0) -> None:
+        self._config = dict(consumer_config)
+        self._config.setdefault("enable.auto.commit", False)
+        self._config.setdefault("enable.auto.offset.store", False)
+        self._config.setdefault("enable.partition.eof", False)
+        self._config.setdefault("isolation.level", "read_committed")
+        self._config.setdefault("fetch.wait.max.ms", 20)
+        self._config.setdefault("queued.max.messages.kbytes", 65536)
+        self.max_records = max_records
+        self._lock = threading.Lock()
+        self._parts: dict[tuple[str, int], _Part] = {}
+        self._consumer: Any = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._reassign = threading.Event()
+        self.received = 0
+        self.errors: list[str] = []
+
+    # -- control ---------------------------------------------------------------------------
+    def assign(self, assignments: list[Assignment]) -> None:
+        """Read exactly these partitions from now on; kept ones continue where they are."""
+        with self._lock:
+            new: dict[tuple[str, int], _Part] = {}
+            for a in assignments:
+                key = (a.topic, a.partition)
+                old = self._parts.get(key)
+                if old is not None and old.node == a.node:
+                    new[key] = old
+                else:
+                    new[key] = _Part(a.node, a.index, a.topic, a.partition, a.start, a.start,
+                                     a.with_meta)
+            self._parts = new
+            self._reassign.set()
+        if self._thread is None and new:
+            self._thread = threading.Thread(target=self._run, name="receiver", daemon=True)
+            self._thread.start()
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        with self._lock:
+            return {k: p.position for k, p in self._parts.items()}
+
+    def seal(self, b: int) -> list[SealedBlock]:
+        """Cut every assigned partition's block for batch *b* (``[start, position)``)."""
+        with self._lock:
+            sealed: list[SealedBlock] = []
+            resume = []
+            for p in self._parts.values():
+                data = encode_input_block(
+                    p.topic, p.partition, p.start, p.position, p.values, p.offsets,
+                    p.keys if p.with_meta else None, p.stamps if p.with_meta else None,
+                )
+                sealed.append(SealedBlock(f"in/{p.node}/{b}/{p.index}", p.topic, p.partition,
+                                          p.start, p.position, len(p.values), data))
+                p.start = p.position
+                p.values, p.offsets, p.keys, p.stamps = [], [], [], []
+                if p.paused:
+                    p.paused = False
+                    resume.append(p)
+            if resume:
+                self._reassign.set()
+        return sealed
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    # -- polling ---------------------------------------------------------------------------
+    def _apply_assignment(self) -> None:
+        from confluent_kafka import TopicPartition
+
+        with self._lock:
+            self._reassign.clear()
+            tps = [TopicPartition(p.topic, p.partition, p.position)
+                   for p in self._parts.values() if not p.paused]
+        self._consumer.assign(tps)
+
+    def _run(self) -> None:
+        from confluent_kafka import Consumer
+
+        self._consumer = Consumer(self._config)
+        try:
+            while not self._stop.is_set():
+                if self._reassign.is_set():
+                    self._apply_assignment()
+                if not self._parts:
+                    time.sleep(POLL_TIMEOUT_S)
+                    continue
+                msgs = self._consumer.consume(POLL_BATCH, POLL_TIMEOUT_S)
+                if msgs:
+                    self._append(msgs)
+        except Exception as e:  # a receiver must never die silently
+            log.exception("receiver stopped: %s", e)
+            self.errors.append(str(e))
+        finally:
+            self._consumer.close()
+
+    def _append(self, msgs: list[Any]) -> None:
+        cap = self.max_records
+        with self._lock:
+            if self._reassign.is_set():
+                return  # positions changed under us: drop, re-read from the new positions
+            parts = self._parts
+            for m in msgs:
+                err = m.error()
+                if err is not None:
+                    if not err.retriable() and err.code() != -191:  # -191: partition EOF
+                        self.errors.append(str(err))
+                        log.warning("kafka error: %s", err)
+                    continue
+                p = parts.get((m.topic(), m.partition()))
+                off = m.offset()
+                if p is None or p.paused or off < p.position:
+                    continue
+                p.values.append(m.value())
+                p.offsets.append(off)
+                if p.with_meta:
+                    p.keys.append(m.key())
+                    p.stamps.append(m.timestamp()[1])
+                p.position = off + 1
+                self.received += 1
+                if cap and len(p.values) >= cap:
+                    p.paused = True
+                    self._reassign.set()

@@ -1,0 +1,449 @@
+"""The coordinator: membership, partition assignment, the batch clock, scheduling, commits.
+
+The I/O shell around the pure :class:`engine._scheduler.Scheduler`. Each interval it seals
+batch ``b`` on every worker (receivers cut their blocks and replicate them), writes the
+batch's offset ranges to Redis, and only then schedules the batch's tasks. It grants each
+(batch, output partition) its one commit right and marks batches complete in Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine._plan import Plan
+from engine._scheduler import (
+    BatchCompleted,
+    CancelTask,
+    FreeBlocks,
+    Instruction,
+    LaunchTask,
+    ReadInput,
+    Scheduler,
+)
+from engine.errors import DStreamError
+from ops import metrics
+from ops.config import Settings
+from ops.rpc import RpcClient, RpcError, RpcServer
+from ops.services import build_context, redis_client, source_layout, topic_partitions
+from ops.worker import task_spec_to_wire
+from state.metalog import MetaLog, OffsetRange, RedisMetaLog
+
+log = logging.getLogger("dstream.coordinator")
+
+#: Seal calls wait this long for a worker; a worker slower than that is treated as lost
+#: for this batch (its partitions' records simply land in its next block).
+SEAL_TIMEOUT_S = 10.0
+
+
+@dataclass
+class WorkerInfo:
+    id: str
+    slots: int
+    client: RpcClient
+    last_seen: float
+    received: int = 0
+    store_bytes: int = 0
+    blocks: int = 0
+
+
+@dataclass
+class BatchInfo:
+    batch: int
+    time_ms: int
+    sealed_at: float
+    records: int = 0
+    first_task: float | None = None
+    done_at: float | None = None
+    ranges: dict[str, OffsetRange] = field(default_factory=dict)
+
+
+class Coordinator:
+    """One coordinator process (``dstream coordinator``)."""
+
+    def __init__(self, settings: Settings, app_path: str, app_id: str,
+                 expect_workers: int = 1, metalog: MetaLog | None = None) -> None:
+        self.settings = settings
+        self.app_id = app_id
+        self.secret = settings.secret.get_secret_value().encode()
+        self.ssc = build_context(app_path, settings)
+        self.expect_workers = expect_workers
+        topics = sorted({t for n in self.ssc.nodes if n.kind == "source"
+                         and n.args["source"] == "kafka" for t in n.args["topics"]})
+        counts = topic_partitions(settings, topics) if topics else {}
+        self.layout = source_layout(self.ssc, counts)
+        self.plan = Plan(self.ssc.nodes, {k: len(v) for k, v in self.layout.items()})
+        self.metalog = metalog or RedisMetaLog(redis_client(settings), app_id)
+        self.epoch = self.metalog.bump_epoch()
+        logged = self.metalog.batches()
+        done = self.metalog.done()
+        self.first = self.metalog.first_batch(0)
+        self.next_batch = max([self.first, (done + 1) if done is not None else self.first,
+                               *(b + 1 for b in logged)])
+        self.scheduler = Scheduler(
+            self.plan, self.first, speculation=settings.speculation,
+            multiplier=settings.speculation_multiplier, quantile=settings.speculation_quantile,
+        )
+        self.positions = self._initial_positions(logged)
+        self.workers: dict[str, WorkerInfo] = {}
+        self.assignment: dict[tuple[int, int], str] = {}
+        self.batches: dict[int, BatchInfo] = {}
+        self.history: list[BatchInfo] = []
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.io = ThreadPoolExecutor(8, thread_name_prefix="coord-io")
+        host, _, port = settings.coordinator.rpartition(":")
+        self.server = RpcServer(self._handle, secret=self.secret, host=settings.bind_host,
+                                port=int(port), max_frame=settings.max_frame_bytes,
+                                name="coordinator")
+        self._assignment_dirty = True
+
+    # -- positions -------------------------------------------------------------------------
+    def _initial_positions(self, logged: dict[int, dict[str, OffsetRange]]) -> dict[
+            tuple[int, int], int]:
+        """Next offset to read per (source node, partition index): after the last logged
+        batch, else the earliest (or latest) offset of the partition."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        pos: dict[tuple[int, int], int] = {}
+        for b in sorted(logged):
+            for bid, (_t, _p, _lo, until, _n) in logged[b].items():
+                _, node, _, idx = bid.split("/")
+                pos[(int(node), int(idx))] = until
+        need = [(node, i, tp) for node, tps in self.layout.items() for i, tp in enumerate(tps)
+                if (node, i) not in pos and tp[0]]
+        if need:
+            c = Consumer(self.settings.kafka_client_config(**{
+                "group.id": f"dstream-{self.app_id}-coordinator", "enable.auto.commit": False}))
+            try:
+                for node, i, (topic, part) in need:
+                    lo, hi = c.get_watermark_offsets(TopicPartition(topic, part), timeout=30)
+                    latest = self.ssc.nodes[node].args.get("start") == "latest"
+                    pos[(node, i)] = hi if latest else lo
+            finally:
+                c.close()
+        for node, tps in self.layout.items():
+            for i, tp in enumerate(tps):
+                if not tp[0]:
+                    pos.setdefault((node, i), 0)
+        return pos
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.server.start()
+        log.info("coordinator up on %s:%d (app %s, epoch %d, resuming at batch %d)",
+                 *self.server.address, self.app_id, self.epoch, self.next_batch)
+        threading.Thread(target=self._clock, name="batch-clock", daemon=True).start()
+        threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            workers = list(self.workers.values())
+        for w in workers:
+            try:
+                w.client.call("stop", timeout=2)
+            except RpcError:
+                pass
+            w.client.close()
+        self.io.shutdown(wait=False, cancel_futures=True)
+        self.server.stop()
+
+    # -- membership ------------------------------------------------------------------------
+    def _handle(self, method: str, params: Any, peer: Any) -> Any:
+        if method == "register":
+            return self._register(params)
+        if method == "heartbeat":
+            with self.lock:
+                w = self.workers.get(params["worker"])
+                if w is None:
+                    return "unknown"
+                w.last_seen = time.monotonic()
+                w.received = params.get("received", 0)
+                w.store_bytes = params.get("store_bytes", 0)
+                w.blocks = params.get("blocks", 0)
+            return "ok"
+        if method == "task_done":
+            return self._task_done(params)
+        if method == "task_failed":
+            with self.lock:
+                self.scheduler.task_failed(params["task"], params["attempt"], params["worker"],
+                                           params.get("missing"))
+                if not params.get("missing"):
+                    log.warning("task %s failed on %s: %s", params["task"], params["worker"],
+                                params["error"])
+                self._dispatch()
+            return True
+        if method == "request_commit":
+            with self.lock:
+                return self.scheduler.request_commit(params["task"], params["attempt"])
+        if method == "status":
+            return self.status()
+        msg = f"unknown method {method}"
+        raise DStreamError(msg)
+
+    def _register(self, params: dict[str, Any]) -> dict[str, Any]:
+        wid = params["worker"]
+        with self.lock:
+            old = self.workers.get(wid)
+            if old is None:
+                client = RpcClient(wid, secret=self.secret, max_frame=self.settings.max_frame_bytes)
+                self.workers[wid] = WorkerInfo(wid, params["slots"], client, time.monotonic())
+                self.scheduler.add_worker(wid, params["slots"])
+                for bid in params.get("blocks", []):
+                    self.scheduler.block_added(bid, wid)
+                self._assignment_dirty = True
+                log.info("worker %s joined (%d slots)", wid, params["slots"])
+            metrics.LIVE_WORKERS.set(len(self.workers))
+        return {"epoch": self.epoch, "first": self.first,
+                "layout": {str(k): [list(tp) for tp in v] for k, v in self.layout.items()},
+                "interval_ms": self.ssc.batch_interval_ms}
+
+    def _monitor(self) -> None:
+        """Declare workers lost after ``heartbeat_misses`` silent heartbeat intervals."""
+        iv = self.settings.heartbeat_interval
+        limit = iv * self.settings.heartbeat_misses
+        while not self.stopping.wait(iv / 2):
+            now = time.monotonic()
+            with self.lock:
+                lost = [w for w in self.workers.values() if now - w.last_seen > limit]
+                for w in lost:
+                    self._lose_worker(w.id)
+
+    def _lose_worker(self, wid: str) -> None:
+        w = self.workers.pop(wid, None)
+        if w is None:
+            return
+        log.warning("worker %s lost: reassigning its partitions, rerunning its tasks", wid)
+        w.client.close()
+        self.scheduler.remove_worker(wid)
+        self._assignment_dirty = True
+        metrics.LIVE_WORKERS.set(len(self.workers))
+        metrics.RECOVERIES.inc()
+        self._dispatch()
+
+    def _assign_partitions(self) -> None:
+        """Balanced round-robin of input partitions over live workers; kept where possible."""
+        workers = sorted(self.workers)
+        if not workers:
+            return
+        parts = sorted(self.positions)
+        new: dict[tuple[int, int], str] = {}
+        load = dict.fromkeys(workers, 0)
+        quota = -(-len(parts) // len(workers))
+        for key in parts:  # keep current owners up to their quota (no needless moves)
+            owner = self.assignment.get(key)
+            if owner in load and load[owner] < quota:
+                new[key] = owner
+                load[owner] += 1
+        for key in parts:
+            if key not in new:
+                owner = min(workers, key=lambda w: (load[w], w))
+                new[key] = owner
+                load[owner] += 1
+        self.assignment = new
+        per: dict[str, list[Any]] = {w: [] for w in workers}
+        for (node, idx), owner in new.items():
+            topic, part = self.layout[node][idx]
+            per[owner].append([node, idx, topic, part, self.positions[(node, idx)]])
+        for i, w in enumerate(workers):
+            peers = workers[i + 1:] + workers[:i]
+            params = {"parts": per[w], "peers": peers}
+            if self.settings.max_records_per_partition:
+                params["max_records"] = self.settings.max_records_per_partition
+            try:
+                self.workers[w].client.call("assign", params, timeout=SEAL_TIMEOUT_S)
+            except RpcError as e:
+                log.warning("assigning partitions to %s failed: %s", w, e)
+        self._assignment_dirty = False
+
+    # -- the batch clock -------------------------------------------------------------------
+    def _clock(self) -> None:
+        iv = self.settings.batch_interval
+        while not self.stopping.is_set():
+            with self.lock:
+                ready = len(self.workers) >= self.expect_workers
+            if ready:
+                break
+            time.sleep(0.05)
+        with self.lock:
+            self._assign_partitions()
+        start = time.time()
+        k = 0
+        while not self.stopping.is_set():
+            k += 1
+            wake = start + k * iv
+            delay = wake - time.time()
+            if delay > 0 and self.stopping.wait(delay):
+                return
+            try:
+                self._seal_batch(int(wake * 1000))
+            except Exception:
+                log.exception("sealing a batch failed")
+
+    def _seal_batch(self, time_ms: int) -> None:
+        with self.lock:
+            b = self.next_batch
+            self.next_batch += 1
+            workers = list(self.workers.values())
+        futures = {w.id: self.io.submit(w.client.call, "seal", {"batch": b},
+                                        SEAL_TIMEOUT_S) for w in workers}
+        reports: list[Any] = []
+        for wid, f in futures.items():
+            try:
+                reports.extend(f.result())
+            except Exception as e:  # noqa: BLE001 - a worker failing to seal is lost
+                log.warning("seal of batch %d on %s failed: %s", b, wid, e)
+        info = BatchInfo(b, time_ms, time.monotonic())
+        for bid, topic, part, lo, until, count, _size, _holders in reports:
+            info.ranges[bid] = (topic, part, lo, until, count)
+            info.records += count
+        # the offset ranges are durable before anything is scheduled
+        self.metalog.log_batch(self.epoch, b, info.ranges)
+        with self.lock:
+            for bid, _t, _p, _lo, until, _c, size, holders in reports:
+                _, node, _, idx = bid.split("/")
+                self.positions[(int(node), int(idx))] = until
+                for h in holders:
+                    self.scheduler.block_added(bid, h, size)
+            self.batches[b] = info
+            metrics.BATCH_RECORDS.observe(info.records)
+            self.scheduler.add_batch(b, info.sealed_at)
+            metrics.BATCHES_PENDING.set(len(self.scheduler.batches))
+            if self._assignment_dirty:
+                self._assign_partitions()
+            self._dispatch()
+
+    # -- scheduling ------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        """Turn scheduler instructions into RPCs (called with the lock held)."""
+        now = time.monotonic()
+        self._apply(self.scheduler.tick(now))
+
+    def _apply(self, instructions: list[Instruction]) -> None:
+        for ins in instructions:
+            if isinstance(ins, LaunchTask):
+                self._launch(ins)
+            elif isinstance(ins, FreeBlocks):
+                w = self.workers.get(ins.worker)
+                if w is not None:
+                    self.io.submit(_quiet_call, w.client, "free", {"blocks": list(ins.block_ids)})
+            elif isinstance(ins, CancelTask):
+                w = self.workers.get(ins.worker)
+                if w is not None:
+                    self.io.submit(_quiet_call, w.client, "cancel",
+                                   {"task": ins.task_id, "attempt": ins.attempt})
+            elif isinstance(ins, BatchCompleted):
+                self._batch_completed(ins.batch)
+            elif isinstance(ins, ReadInput):
+                log.warning("input block %s lost on every holder", ins.block_id)
+
+    def _launch(self, ins: LaunchTask) -> None:
+        spec = ins.spec
+        info = self.batches.get(spec.batch)
+        if info is not None and info.first_task is None:
+            info.first_task = time.monotonic()
+            metrics.SCHEDULING_DELAY.observe(info.first_task - info.sealed_at)
+        if ins.speculative:
+            metrics.SPECULATIVE_LAUNCHED.inc()
+        locations = {bid: sorted(self.scheduler.holders(bid)) for bid, _ in spec.inputs}
+        w = self.workers.get(ins.worker)
+        if w is None:
+            return
+        params = {"spec": task_spec_to_wire(spec), "attempt": ins.attempt,
+                  "locations": locations, "time_ms": info.time_ms if info else 0}
+        self.io.submit(self._send_launch, w, spec.id, ins.attempt, params)
+
+    def _send_launch(self, w: WorkerInfo, task_id: str, attempt: int, params: Any) -> None:
+        try:
+            w.client.call("launch", params, timeout=SEAL_TIMEOUT_S)
+        except RpcError as e:
+            log.info("launch of %s on %s failed: %s", task_id, w.id, e)
+            with self.lock:
+                self.scheduler.task_failed(task_id, attempt, w.id)
+                self._dispatch()
+
+    def _task_done(self, p: dict[str, Any]) -> bool:
+        with self.lock:
+            before = self.scheduler.stats.speculative_won
+            out = self.scheduler.task_finished(p["task"], p["attempt"], p["worker"],
+                                               time.monotonic(), p.get("size", 0))
+            if self.scheduler.stats.speculative_won > before:
+                metrics.SPECULATIVE_WON.inc()
+            self._apply(out)
+            self._dispatch()
+        return True
+
+    def _batch_completed(self, b: int) -> None:
+        info = self.batches.pop(b, None)
+        now = time.monotonic()
+        if info is not None:
+            info.done_at = now
+            start = info.first_task or now
+            metrics.PROCESSING_TIME.observe(now - start)
+            metrics.TOTAL_DELAY.observe(now - info.sealed_at)
+            self.history.append(info)
+            del self.history[:-200]
+        metrics.BATCHES_COMPLETED.inc()
+        metrics.BATCHES_PENDING.set(len(self.scheduler.batches))
+        pending = [x for x in self.scheduler.batches if x < b]
+        if not pending:
+            self.io.submit(self._mark_done, b)
+
+    def _mark_done(self, b: int) -> None:
+        try:
+            self.metalog.mark_done(self.epoch, b)
+            self.metalog.forget_before(b - 1000)
+        except Exception as e:  # noqa: BLE001
+            log.warning("marking batch %d done failed: %s", b, e)
+
+    # -- status ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            batches = [{
+                "batch": i.batch, "time_ms": i.time_ms, "records": i.records,
+                "scheduling_delay": (i.first_task - i.sealed_at) if i.first_task else None,
+                "processing_time": (i.done_at - i.first_task) if i.done_at and i.first_task
+                else None,
+                "total_delay": (i.done_at - i.sealed_at) if i.done_at else None,
+            } for i in self.history[-50:]]
+            return {
+                "app": self.app_id, "epoch": self.epoch, "next_batch": self.next_batch,
+                "pending": sorted(self.scheduler.batches),
+                "batches": batches,
+                "workers": [{"id": w.id, "slots": w.slots, "store_bytes": w.store_bytes,
+                             "blocks": w.blocks, "received": w.received}
+                            for w in self.workers.values()],
+                "receivers": [{"node": n, "index": i, "topic": self.layout[n][i][0],
+                               "partition": self.layout[n][i][1], "owner": o,
+                               "position": self.positions.get((n, i))}
+                              for (n, i), o in sorted(self.assignment.items())],
+                "stats": vars(self.scheduler.stats),
+            }
+
+
+def _quiet_call(client: RpcClient, method: str, params: Any) -> None:
+    try:
+        client.call(method, params, timeout=SEAL_TIMEOUT_S)
+    except RpcError as e:
+        log.debug("%s failed: %s", method, e)
+
+
+def run_coordinator(settings: Settings, app_path: str, app_id: str, expect_workers: int) -> int:
+    c = Coordinator(settings, app_path, app_id, expect_workers)
+    done = threading.Event()
+
+    def _stop(_sig: int, _frm: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    c.start()
+    done.wait()
+    c.stop()
+    return 0

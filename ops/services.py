@@ -1,0 +1,142 @@
+"""Clients of the fleet's dependencies (Redis, Kafka admin) and app loading.
+
+Every role resolves addresses the same way: flags, then ``DSTREAM_*`` variables, then the
+services ``dstream dev up`` started (so no flag is needed on a dev machine).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from engine._graph import StreamingContext
+from engine.errors import ConfigError, GraphError
+from ops.config import Settings, load_settings
+
+#: Redis socket timeouts: a dead server is noticed within seconds, not minutes.
+REDIS_TIMEOUT_S = 5.0
+
+
+def settings_from(**flags: Any) -> Settings:
+    """Settings from flags and the environment, falling back to ``dstream dev up`` services."""
+    extra: dict[str, Any] = {}
+    if "DSTREAM_KAFKA_BOOTSTRAP" not in os.environ and not flags.get("kafka_bootstrap") or (
+        "DSTREAM_REDIS_URL" not in os.environ and not flags.get("redis_url")
+    ):
+        try:
+            from ops.devservices import discovered_env
+
+            found = discovered_env()
+        except Exception:  # noqa: BLE001 - discovery is a convenience, never fatal
+            found = {}
+        if "DSTREAM_KAFKA_BOOTSTRAP" not in os.environ and found.get("kafka_bootstrap"):
+            extra["kafka_bootstrap"] = found["kafka_bootstrap"]
+        if "DSTREAM_REDIS_URL" not in os.environ and found.get("redis_url"):
+            extra["redis_url"] = found["redis_url"]
+    extra.update({k: v for k, v in flags.items() if v is not None})
+    return load_settings(**extra)
+
+
+def redis_client(settings: Settings) -> Any:
+    """A Redis client for the settings' URL (AUTH and TLS via ``rediss://`` work)."""
+    import redis
+
+    kwargs: dict[str, Any] = {"socket_timeout": REDIS_TIMEOUT_S,
+                              "socket_connect_timeout": REDIS_TIMEOUT_S,
+                              "health_check_interval": 10}
+    password = settings.redis_password.get_secret_value()
+    if password:
+        kwargs["password"] = password
+    return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+
+
+def topic_partitions(settings: Settings, topics: list[str], timeout: float = 30.0) -> dict[str, int]:
+    """Partition count of each topic; raises ConfigError naming a missing topic."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient(settings.kafka_client_config())
+    md = admin.list_topics(timeout=timeout)
+    out: dict[str, int] = {}
+    for t in topics:
+        tm = md.topics.get(t)
+        if tm is None or tm.error is not None or not tm.partitions:
+            msg = (
+                f"input topic {t!r} does not exist on {settings.kafka_bootstrap}; create it "
+                f"(e.g. dstream produce --topic {t} --partitions 3 ...) and start again"
+            )
+            raise ConfigError(msg)
+        out[t] = len(tm.partitions)
+    return out
+
+
+def ensure_topic(settings: Settings, topic: str, partitions: int = 1) -> None:
+    """Create *topic* if missing (output and dead-letter topics)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(settings.kafka_client_config())
+    if topic in admin.list_topics(timeout=30).topics:
+        return
+    fut = admin.create_topics([NewTopic(topic, partitions, 1)])[topic]
+    try:
+        fut.result(30)
+    except KafkaException as e:
+        if "TOPIC_ALREADY_EXISTS" not in str(e):
+            raise
+
+
+def load_app(path: str) -> ModuleType:
+    """Import the app file (``def build(ssc)``) as a module named after the file."""
+    p = Path(path)
+    if not p.is_file():
+        msg = f"app file {path} not found"
+        raise ConfigError(msg)
+    name = p.stem
+    spec = importlib.util.spec_from_file_location(name, p)
+    if spec is None or spec.loader is None:
+        msg = f"cannot import app file {path}"
+        raise ConfigError(msg)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    if not callable(getattr(mod, "build", None)):
+        msg = f"app file {path} must define build(ssc: StreamingContext) -> None"
+        raise ConfigError(msg)
+    return mod
+
+
+def build_context(path: str, settings: Settings) -> StreamingContext:
+    """Build the app's graph: every process calls this and gets the same node ids."""
+    mod = load_app(path)
+    ssc = StreamingContext(settings.batch_interval, num_partitions=settings.num_partitions)
+    mod.build(ssc)
+    ssc.validate()
+    return ssc
+
+
+def app_id_for(path: str, settings: Settings) -> str:
+    return settings.app_id or Path(path).stem
+
+
+def source_layout(ssc: StreamingContext, counts: dict[str, int]) -> dict[int, list[tuple[str, int]]]:
+    """Per source node, its (topic, partition) list in block-index order."""
+    layout: dict[int, list[tuple[str, int]]] = {}
+    seen: dict[tuple[str, int], int] = {}
+    for n in ssc.nodes:
+        if n.kind != "source":
+            continue
+        if n.args["source"] == "queue":
+            layout[n.id] = [("", 0)]
+            continue
+        tps = [(t, p) for t in n.args["topics"] for p in range(counts[t])]
+        for tp in tps:
+            if tp in seen:
+                msg = f"topic {tp[0]} is read by two kafka_stream sources; read it once and reuse"
+                raise GraphError(msg)
+            seen[tp] = n.id
+        layout[n.id] = tps
+    return layout

@@ -1,0 +1,240 @@
+"""The fleet's sinks: exactly-once Kafka and Redis outputs, and the dead-letter topic.
+
+An output task commits only after the coordinator granted it the commit right of its
+(batch, output partition), and the coordinator grants them in batch order per partition.
+
+* Kafka: one transactional producer per output partition (``transactional.id =
+  {app}-{node}-{part}``; a new owner's ``init_transactions`` fences any zombie). The
+  transaction also commits the batch number as the offset of a marker consumer group, so
+  "was batch b already written?" is answered by Kafka itself, atomically with the data: a
+  retry after a crash between the Kafka commit and the coordinator hearing of it writes
+  nothing twice.
+* Redis: a Lua script writes the batch's keys and the partition's marker together, and
+  only when the batch is newer than the marker and the caller's epoch is current.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+from engine._exec import DeadLetter
+from engine._graph import Node
+from engine._plan import TaskSpec
+from engine._sinks import SinkEnv, run_engine_sink
+from engine.errors import DStreamError, FencedError
+from ops.config import Settings
+
+log = logging.getLogger("dstream.sinks")
+
+#: librdkafka transaction timeout: long enough for a slow batch, short enough that a dead
+#: producer's open transaction is aborted by the broker soon after.
+TXN_TIMEOUT_MS = 60_000
+#: Bound on Kafka client calls (init/commit/committed) before the task fails and is retried.
+KAFKA_CALL_TIMEOUT_S = 30.0
+
+
+def _json(x: Any) -> bytes:
+    return json.dumps(x, separators=(",", ":"), default=_default).encode()
+
+
+def _default(x: Any) -> Any:
+    if isinstance(x, bytes):
+        return x.decode("utf-8", "replace")
+    if isinstance(x, set | frozenset):
+        return sorted(x, key=repr)
+    msg = f"cannot encode {type(x).__name__} as JSON"
+    raise TypeError(msg)
+
+
+def encode_output(record: Any, fmt: str) -> tuple[bytes | None, bytes]:
+    """Message key and value of an output record: ``(key, value)`` pairs split, others whole."""
+    if fmt == "msgpack":
+        from engine._codec import pack as enc
+    else:
+        enc = _json
+    if isinstance(record, tuple | list) and len(record) == 2:
+        return enc(record[0]), enc(record[1])
+    return None, enc(record)
+
+
+_REDIS_COMMIT = """
+-- KEYS[1] epoch key, KEYS[2] marker hash; ARGV: epoch, partition, batch, mode, hash, n, k/v...
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) < cur then return redis.error_reply('FENCED epoch ' .. ARGV[1]) end
+local last = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '-1')
+if tonumber(ARGV[3]) <= last then return 0 end
+local n = tonumber(ARGV[6])
+for i = 0, n - 1 do
+  local k = ARGV[7 + 2 * i]
+  local v = ARGV[8 + 2 * i]
+  if ARGV[4] == 'hash' then
+    if v == 'null' then redis.call('HDEL', ARGV[5], k) else redis.call('HSET', ARGV[5], k, v) end
+  else
+    if v == 'null' then redis.call('DEL', k) else redis.call('SET', k, v) end
+  end
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+class FleetSinks(SinkEnv):
+    """Kafka, Redis and engine-side sinks of one worker process."""
+
+    def __init__(self, settings: Settings, app_id: str, epoch_fn: Any = None) -> None:
+        self.settings = settings
+        self.app_id = app_id
+        self._epoch_fn = epoch_fn or (lambda: 0)
+        self._lock = threading.Lock()
+        self._producers: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._redis: Any = None
+        self._redis_script: Any = None
+        self._dlq: Any = None
+        self.committed_batches = 0
+        self.skipped_batches = 0
+        self.dead_lettered = 0
+
+    # -- kafka -----------------------------------------------------------------------------
+    def _producer(self, node: Node, part: int) -> tuple[Any, Any]:
+        from confluent_kafka import Consumer, Producer
+
+        key = (node.id, part)
+        with self._lock:
+            got = self._producers.get(key)
+            if got is not None:
+                return got
+        tid = f"{self.app_id}-{node.id}-{part}"
+        producer = Producer(self.settings.kafka_client_config(**{
+            "transactional.id": tid,
+            "transaction.timeout.ms": TXN_TIMEOUT_MS,
+            "linger.ms": 5,
+            "enable.idempotence": True,
+        }))
+        producer.init_transactions(KAFKA_CALL_TIMEOUT_S)
+        marker = Consumer(self.settings.kafka_client_config(**{
+            "group.id": f"{tid}-commits",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }))
+        with self._lock:
+            self._producers[key] = (producer, marker)
+        return producer, marker
+
+    def _kafka_commit(self, node: Node, spec: TaskSpec, batch_ms: int, records: list[Any]) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        topic = node.args["topic"]
+        producer, marker = self._producer(node, spec.part)
+        tp = TopicPartition(topic, 0)
+        try:
+            done = marker.committed([tp], timeout=KAFKA_CALL_TIMEOUT_S)[0].offset
+            if done is not None and done > spec.batch:
+                self.skipped_batches += 1
+                return  # this batch (or a later one) is already in Kafka
+            producer.begin_transaction()
+            headers = [("dstream-batch", str(batch_ms).encode())]
+            fmt = node.args["format"]
+            for r in records:
+                k, v = encode_output(r, fmt)
+                while True:
+                    try:
+                        producer.produce(topic, value=v, key=k, headers=headers)
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+            producer.send_offsets_to_transaction(
+                [TopicPartition(topic, 0, spec.batch + 1)], marker.consumer_group_metadata(),
+                KAFKA_CALL_TIMEOUT_S,
+            )
+            producer.commit_transaction(KAFKA_CALL_TIMEOUT_S)
+            self.committed_batches += 1
+        except KafkaException as e:
+            err = e.args[0] if e.args else None
+            fatal = bool(err is not None and err.fatal())
+            abortable = bool(err is not None and err.txn_requires_abort())
+            if abortable:
+                try:
+                    producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
+                except KafkaException:
+                    fatal = True
+            if fatal or not abortable:
+                with self._lock:  # fenced or broken: a fresh producer next time
+                    self._producers.pop((node.id, spec.part), None)
+            if err is not None and "fenced" in str(err).lower():
+                raise FencedError(f"{node.name} partition {spec.part}: {err}") from e
+            raise DStreamError(f"{node.name}: Kafka commit of batch {spec.batch} failed: {e}") from e
+
+    # -- redis -----------------------------------------------------------------------------
+    def _redis_commit(self, node: Node, spec: TaskSpec, records: list[Any]) -> None:
+        import redis
+
+        if self._redis is None:
+            from ops.services import redis_client
+
+            self._redis = redis_client(self.settings)
+            self._redis_script = self._redis.register_script(_REDIS_COMMIT)
+        prefix = f"dstream:{self.app_id}:"
+        mode = node.args["mode"]
+        args: list[Any] = [self._epoch_fn(), spec.part, spec.batch, mode,
+                           prefix + node.args["hash_name"] if mode == "hash" else "",
+                           len(records)]
+        for r in records:
+            k, v = (r[0], r[1]) if isinstance(r, tuple | list) and len(r) == 2 else (r, r)
+            name = str(k) if mode == "hash" else prefix + node.args["key_pattern"].format(key=k)
+            args += [name, _json(v)]
+        try:
+            res = self._redis_script(keys=[prefix + "epoch", f"{prefix}out:{node.id}"], args=args)
+        except redis.ResponseError as e:
+            if "FENCED" in str(e):
+                raise FencedError(str(e)) from e
+            raise
+        if res:
+            self.committed_batches += 1
+        else:
+            self.skipped_batches += 1
+
+    # -- SinkEnv ---------------------------------------------------------------------------
+    def commit(self, node: Node, spec: TaskSpec, batch_time_ms: int, records: list[Any]) -> None:
+        sink = node.args["sink"]
+        if sink == "kafka":
+            self._kafka_commit(node, spec, batch_time_ms, records)
+        elif sink == "redis":
+            self._redis_commit(node, spec, records)
+        else:
+            run_engine_sink(node, batch_time_ms, records)
+
+    def dead_letters(self, letters: list[DeadLetter]) -> None:
+        """Send dead letters to the dead-letter topic (at least once), or log them."""
+        from ops.metrics import DEAD_LETTERED
+
+        for d in letters:
+            DEAD_LETTERED.labels(reason="decode" if d.operator.endswith(".decode") else "user").inc()
+        self.dead_lettered += len(letters)
+        topic = self.settings.dead_letter_topic or f"{self.app_id}-dead-letters"
+        from confluent_kafka import Producer
+
+        if self._dlq is None:
+            self._dlq = Producer(self.settings.kafka_client_config(**{"linger.ms": 20}))
+        for d in letters:
+            headers = [
+                ("dstream-source-topic", d.topic.encode()),
+                ("dstream-source-partition", str(d.partition).encode()),
+                ("dstream-source-offset", str(d.offset).encode()),
+                ("dstream-operator", d.operator.encode()),
+                ("dstream-error", d.error.encode()[:1000]),
+            ]
+            self._dlq.produce(topic, value=d.value, headers=headers)
+        self._dlq.flush(KAFKA_CALL_TIMEOUT_S)
+
+    def close(self) -> None:
+        with self._lock:
+            items = list(self._producers.values())
+            self._producers.clear()
+        for producer, marker in items:
+            producer.flush(5)
+            marker.close()
+        if self._dlq is not None:
+            self._dlq.flush(5)

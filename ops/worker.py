@@ -1,0 +1,316 @@
+"""The worker process: receivers, block store, task slots, sinks, behind one RPC server.
+
+A worker registers with the coordinator, reads the Kafka partitions it is assigned, seals
+and replicates blocks when the coordinator's clock says so, and runs the tasks it is sent.
+Tasks fetch input blocks locally or from the peers the coordinator names. A worker holds
+no authority: it never decides what to run or commit; it survives a coordinator restart
+by re-registering (its blocks stay valid: they are immutable and named).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from engine._codec import encode_input_block
+from engine._exec import BlockMissing, Executor, StateBlock
+from engine._plan import Plan, TaskSpec, block_node
+from engine.errors import DStreamError
+from ingest.receiver import Assignment, Receivers
+from ops import metrics
+from ops.config import Settings
+from ops.rpc import ConnectionLost, RemoteError, RpcClient, RpcError, RpcServer, RpcTimeout
+from ops.services import build_context
+from ops.sinks import FleetSinks
+from state.blockstore import BlockStore
+
+log = logging.getLogger("dstream.worker")
+
+#: How long a fetch from a peer may take before trying the next holder (a 64 MiB block
+#: at loopback speeds takes well under a second).
+FETCH_TIMEOUT_S = 20.0
+#: Back-off between commit-right polls while earlier batches of the partition commit.
+COMMIT_WAIT_S = 0.005
+
+
+def task_spec_from_wire(w: Any) -> TaskSpec:
+    tid, kind, node, side, batch, part, inputs, stage = w
+    return TaskSpec(tid, kind, node, side, batch, part,
+                    tuple((str(b), int(k)) for b, k in inputs), stage)
+
+
+def task_spec_to_wire(s: TaskSpec) -> list[Any]:
+    return [s.id, s.kind, s.node, s.side, s.batch, s.part, [list(i) for i in s.inputs], s.stage]
+
+
+class Worker:
+    """One worker process (``dstream worker``)."""
+
+    def __init__(self, settings: Settings, app_path: str, app_id: str) -> None:
+        self.settings = settings
+        self.app_path = app_path
+        self.app_id = app_id
+        self.secret = settings.secret.get_secret_value().encode()
+        self.ssc = build_context(app_path, settings)
+        self.store = BlockStore()
+        self.receivers = Receivers(
+            settings.kafka_client_config(**{"group.id": f"dstream-{app_id}-receivers"}),
+            settings.max_records_per_partition,
+        )
+        self.server = RpcServer(self._handle, secret=self.secret, host=settings.bind_host,
+                                port=0, max_frame=settings.max_frame_bytes, name="worker")
+        self.coordinator = RpcClient(settings.coordinator, secret=self.secret,
+                                     max_frame=settings.max_frame_bytes)
+        self.pool = ThreadPoolExecutor(settings.task_slots, thread_name_prefix="task")
+        self.peers: dict[str, RpcClient] = {}
+        self.peer_ids: list[str] = []
+        self.plan: Plan | None = None
+        self.executor: Executor | None = None
+        self.epoch = 0
+        self.queue_parts: dict[int, int] = {}  # queue source node -> assigned
+        self.first = 0
+        self.id = ""
+        self.stopping = threading.Event()
+        self.sinks = FleetSinks(settings, app_id, epoch_fn=lambda: self.epoch)
+        self._lock = threading.Lock()
+        self.cancelled: set[tuple[str, int]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.server.start()
+        host, port = self.server.address
+        adv = self.settings.advertise_host or (host if host not in ("0.0.0.0", "") else
+                                               socket.gethostname())
+        self.id = f"{adv}:{port}"
+        self._register()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        log.info("worker %s up (app %s, %d slots)", self.id, self.app_id, self.settings.task_slots)
+
+    def _register(self) -> None:
+        delay = 0.05
+        while not self.stopping.is_set():
+            try:
+                reply = self.coordinator.call("register", {
+                    "worker": self.id, "slots": self.settings.task_slots,
+                    "blocks": self.store.ids()}, timeout=10)
+                break
+            except (ConnectionLost, RpcTimeout) as e:
+                log.debug("coordinator not reachable yet: %s", e)
+                time.sleep(delay)
+                delay = min(1.0, delay * 2)
+        else:
+            return
+        self.epoch = reply["epoch"]
+        self.first = reply["first"]
+        layout = {int(k): len(v) for k, v in reply["layout"].items()}
+        if self.plan is None:
+            self.plan = Plan(self.ssc.nodes, layout)
+            self.executor = Executor(self.plan, self.first, self.ssc.batch_interval_ms,
+                                     self.settings.fail_on_error)
+
+    def _heartbeat_loop(self) -> None:
+        iv = self.settings.heartbeat_interval
+        while not self.stopping.wait(iv):
+            try:
+                reply = self.coordinator.call("heartbeat", {
+                    "worker": self.id, "store_bytes": self.store.nbytes,
+                    "blocks": len(self.store), "received": self.receivers.received}, timeout=iv * 4)
+                metrics.BLOCK_STORE_BYTES.set(self.store.nbytes)
+                metrics.BLOCK_STORE_BLOCKS.set(len(self.store))
+                if reply == "unknown":
+                    self._register()
+            except RpcError as e:
+                log.debug("heartbeat failed: %s", e)
+
+    def stop(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        self.receivers.stop()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.server.stop()
+        self.coordinator.close()
+        for c in self.peers.values():
+            c.close()
+        self.sinks.close()
+
+    # -- rpc -------------------------------------------------------------------------------
+    def _handle(self, method: str, params: Any, peer: Any) -> Any:
+        if method == "fetch":
+            return self.store.get_bytes(params["block"], params.get("bucket", -1))
+        if method == "launch":
+            spec = task_spec_from_wire(params["spec"])
+            self.pool.submit(self._run_task, spec, params["attempt"], params["locations"],
+                             params.get("time_ms", 0))
+            return True
+        if method == "replicate":
+            self.store.put(params["block"], params["data"])
+            return True
+        if method == "seal":
+            return self._seal(params["batch"])
+        if method == "assign":
+            return self._assign(params)
+        if method == "free":
+            self.store.free(params["blocks"])
+            return len(self.store)
+        if method == "cancel":
+            self.cancelled.add((params["task"], params["attempt"]))
+            return True
+        if method == "ping":
+            return self.id
+        if method == "stop":
+            threading.Thread(target=self.stop, daemon=True).start()
+            return True
+        msg = f"unknown method {method}"
+        raise DStreamError(msg)
+
+    def _peer(self, addr: str) -> RpcClient:
+        with self._lock:
+            c = self.peers.get(addr)
+            if c is None:
+                c = RpcClient(addr, secret=self.secret, max_frame=self.settings.max_frame_bytes)
+                self.peers[addr] = c
+            return c
+
+    def _assign(self, params: dict[str, Any]) -> bool:
+        parts = []
+        self.queue_parts = {}
+        for node, index, topic, partition, start in params["parts"]:
+            n = self.ssc.nodes[node]
+            if n.args["source"] == "queue":
+                self.queue_parts[node] = index
+                continue
+            parts.append(Assignment(node, index, topic, partition, start,
+                                    bool(n.args.get("with_metadata"))))
+        self.receivers.assign(parts)
+        self.peer_ids = [p for p in params.get("peers", []) if p != self.id]
+        if "max_records" in params:
+            self.receivers.max_records = params["max_records"]
+        return True
+
+    def _seal(self, b: int) -> list[Any]:
+        """Seal batch *b*'s blocks, replicate each to a peer, then report them."""
+        reports: list[Any] = []
+        blocks = [(s.block_id, s.topic, s.partition, s.start, s.until, s.count, s.data)
+                  for s in self.receivers.seal(b)]
+        for node, index in self.queue_parts.items():
+            n = self.ssc.nodes[node]
+            i = b - self.first
+            values = n.args["batches"][i] if 0 <= i < len(n.args["batches"]) else n.args["default"]
+            data = encode_input_block("", 0, b, b + 1, list(values))
+            blocks.append((f"in/{node}/{b}/{index}", "", 0, b, b + 1, len(values), data))
+        for bid, topic, partition, start, until, count, data in blocks:
+            self.store.put(bid, data)
+            holders = [self.id]
+            for peer in self.peer_ids[:1]:
+                try:
+                    self._peer(peer).call("replicate", {"block": bid, "data": data},
+                                          timeout=FETCH_TIMEOUT_S)
+                    holders.append(peer)
+                except RpcError as e:
+                    log.warning("replicating %s to %s failed: %s", bid, peer, e)
+            if topic:
+                metrics.INPUT_RECORDS.labels(topic=topic, partition=str(partition)).inc(count)
+            reports.append([bid, topic, partition, start, until, count, len(data), holders])
+        return reports
+
+    # -- tasks -----------------------------------------------------------------------------
+    def _fetch(self, locations: dict[str, list[str]]) -> Any:
+        plan = self.plan
+        assert plan is not None
+
+        def fetch(bid: str, bucket: int) -> Any:
+            if self.store.has(bid):
+                return self.store.get(bid, bucket)
+            for addr in locations.get(bid, []):
+                if addr == self.id:
+                    continue
+                try:
+                    data = self._peer(addr).call("fetch", {"block": bid, "bucket": bucket},
+                                                 timeout=FETCH_TIMEOUT_S)
+                except RemoteError:
+                    continue
+                except RpcError as e:
+                    log.info("fetch of %s from %s failed: %s", bid, addr, e)
+                    continue
+                if bid.startswith("rd/") and plan.by_id[block_node(bid)].kind == "state":
+                    return StateBlock.from_bytes(data)
+                return data
+            raise BlockMissing(bid)
+
+        return fetch
+
+    def _run_task(self, spec: TaskSpec, attempt: int, locations: dict[str, list[str]],
+                  time_ms: int) -> None:
+        assert self.executor is not None
+        t0 = time.monotonic()
+        slow = os.environ.get("DSTREAM_FAULT_SLOW_TASK")
+        try:
+            res = self.executor.run(spec, self._fetch(locations))
+            if slow:
+                time.sleep(float(slow) * (time.monotonic() - t0))
+            size = 0
+            if spec.kind == "output":
+                if not self._commit(spec, attempt, time_ms, res.records):
+                    return
+            else:
+                size = self.store.put(spec.id, res.block)
+            if res.dead_letters:
+                self.sinks.dead_letters(res.dead_letters)
+            dt = time.monotonic() - t0
+            metrics.TASK_DURATION.labels(stage=spec.stage.split(":")[0]).observe(dt)
+            self.coordinator.call("task_done", {
+                "task": spec.id, "attempt": attempt, "worker": self.id, "size": size,
+                "input_records": res.input_records, "dead": len(res.dead_letters),
+                "seconds": dt}, timeout=30)
+        except BlockMissing as e:
+            self._report_failure(spec, attempt, str(e), e.block_id)
+        except Exception as e:
+            log.exception("task %s attempt %d failed", spec.id, attempt)
+            self._report_failure(spec, attempt, f"{type(e).__name__}: {e}", None)
+
+    def _commit(self, spec: TaskSpec, attempt: int, time_ms: int, records: list[Any]) -> bool:
+        assert self.plan is not None
+        while True:
+            if (spec.id, attempt) in self.cancelled:
+                return False
+            answer = self.coordinator.call("request_commit", {
+                "task": spec.id, "attempt": attempt, "worker": self.id}, timeout=30)
+            if answer == "granted":
+                break
+            if answer == "denied":
+                return False
+            time.sleep(COMMIT_WAIT_S)
+        self.sinks.commit(self.plan.by_id[spec.node], spec, time_ms, records)
+        return True
+
+    def _report_failure(self, spec: TaskSpec, attempt: int, error: str,
+                        missing: str | None) -> None:
+        try:
+            self.coordinator.call("task_failed", {
+                "task": spec.id, "attempt": attempt, "worker": self.id, "error": error,
+                "missing": missing}, timeout=30)
+        except RpcError as e:
+            log.warning("could not report failure of %s: %s", spec.id, e)
+
+
+def run_worker(settings: Settings, app_path: str, app_id: str) -> int:
+    """Run a worker until SIGTERM/SIGINT; returns the exit code."""
+    w = Worker(settings, app_path, app_id)
+    done = threading.Event()
+
+    def _stop(_sig: int, _frm: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    w.start()
+    done.wait()
+    w.stop()
+    return 0

@@ -42,9 +42,15 @@ def unpack(data: bytes | memoryview, max_bytes: int = MAX_BLOCK_BYTES) -> Any:
         raise CodecError(msg)
     try:
         return msgpack.unpackb(
-            data, raw=False, use_list=False, strict_map_key=False,
-            max_bin_len=max_bytes, max_str_len=max_bytes, max_array_len=max_bytes,
-            max_map_len=max_bytes, max_ext_len=0,
+            data,
+            raw=False,
+            use_list=False,
+            strict_map_key=False,
+            max_bin_len=max_bytes,
+            max_str_len=max_bytes,
+            max_array_len=max_bytes,
+            max_map_len=max_bytes,
+            max_ext_len=0,
         )
     except (ValueError, msgpack.UnpackException, TypeError) as e:
         msg = f"cannot decode msgpack payload of {len(data)} bytes: {e}"

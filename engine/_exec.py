@@ -108,8 +108,9 @@ class _Ctx:
     def dead_letter(self, operator: str, error: BaseException, record: Any) -> None:
         topic, partition, offset = self.coords
         if self.fail:
-            raise UserFunctionError(operator, error, record,
-                                    f"topic={topic} partition={partition} offset={offset}")
+            raise UserFunctionError(
+                operator, error, record, f"topic={topic} partition={partition} offset={offset}"
+            )
         if isinstance(record, bytes):
             raw = record
         else:
@@ -117,8 +118,9 @@ class _Ctx:
                 raw = json.dumps(record, default=repr).encode()
             except (TypeError, ValueError):
                 raw = repr(record).encode()
-        self.dead.append(DeadLetter(topic, partition, offset, operator,
-                                    f"{type(error).__name__}: {error}", raw))
+        self.dead.append(
+            DeadLetter(topic, partition, offset, operator, f"{type(error).__name__}: {error}", raw)
+        )
 
 
 # -- narrow operators ----------------------------------------------------------------------
@@ -197,9 +199,14 @@ def _decode_source(n: Node, raw: Any, ctx: _Ctx) -> Iterator[Any]:
             ctx.dead_letter(name, e, v)
             continue
         if meta:
-            yield {"key": keys[i] if keys else None, "value": value, "topic": topic,
-                   "partition": partition, "offset": off,
-                   "timestamp": stamps[i] if stamps else None}
+            yield {
+                "key": keys[i] if keys else None,
+                "value": value,
+                "topic": topic,
+                "partition": partition,
+                "offset": off,
+                "timestamp": stamps[i] if stamps else None,
+            }
         else:
             yield value
     ctx.coords = ("", -1, -1)
@@ -221,6 +228,7 @@ class Executor:
         first: the app's first batch (blocks of earlier batches are empty).
         interval_ms: the batch interval, for batch times passed to user functions.
         fail_on_error: raise :class:`UserFunctionError` instead of dead-lettering.
+
     """
 
     def __init__(self, plan: Plan, first: int, interval_ms: int, fail_on_error: bool = False):
@@ -320,8 +328,11 @@ class Executor:
             for i, x in enumerate(records):
                 rr[(i + spec.part) % nparts].append(x)
             return [pack(bucket) for bucket in rr]
-        combine = n.args["fn"] if k == "reduce_by_key" or (
-            k == "state" and n.args["mode"] == "running_reduce") else None
+        combine = (
+            n.args["fn"]
+            if k == "reduce_by_key" or (k == "state" and n.args["mode"] == "running_reduce")
+            else None
+        )
         if combine is not None:
             dicts: list[dict[Any, Any]] = [{} for _ in range(nparts)]
             for x in records:
@@ -359,8 +370,15 @@ class Executor:
             return pack(self._window_combine(n, spec, fetch, ctx))
         if k == "state":
             return self._state(n, spec, fetch, ctx)
-        if k in ("reduce_by_key", "group_by_key", "cogroup", "join", "repartition", "count",
-                 "reduce"):
+        if k in (
+            "reduce_by_key",
+            "group_by_key",
+            "cogroup",
+            "join",
+            "repartition",
+            "count",
+            "reduce",
+        ):
             return pack(self._reduce_side(n, spec, fetch, ctx))
         # a persisted narrow node, union, window or snapshot
         return pack(list(self._compute(n, b, p, fetch, ctx)))
@@ -422,7 +440,8 @@ class Executor:
         return _join(n.args["how"], cg)
 
     def _window_combine(self, n: Node, spec: TaskSpec, fetch: Fetch, ctx: _Ctx) -> list[Any]:
-        fn, inv = n.args["fn"], n.args.get("inv_fn")
+        fn: Any = n.args["fn"]
+        inv: Any = n.args.get("inv_fn")
         b, s, w = spec.batch, n.args["slide"], n.args["window"]
         acc: dict[Any, Any] = {}
         olds: list[Any] = []
@@ -465,8 +484,9 @@ class Executor:
         for bid, bucket in spec.inputs:
             if bid.startswith("rd/"):
                 got = fetch(bid, bucket)
-                prev = got.state if isinstance(got, StateBlock) else StateBlock.from_bytes(
-                    got).state
+                prev = (
+                    got.state if isinstance(got, StateBlock) else StateBlock.from_bytes(got).state
+                )
         mode = n.args["mode"]
         fn = n.args["fn"]
         state = dict(prev)

@@ -51,6 +51,7 @@ class Node:
         parents: input nodes.
         args: operator arguments (functions, window lengths in batches ...).
         name: label used in metrics, errors and dead-letter headers.
+
     """
 
     id: int
@@ -177,7 +178,10 @@ class DStream:
         w = _as_batches(window, iv, "window", op)
         s = _as_batches(slide if slide is not None else iv, iv, "slide", op)
         if s > w:
-            msg = f"{op}: slide must not be longer than the window: window={window:g}s, slide={slide:g}s"
+            msg = (
+                f"{op}: slide must not be longer than the window: "
+                f"window={window:g}s, slide={slide:g}s"
+            )
             raise GraphError(msg)
         return {"window": w, "slide": s}
 
@@ -208,8 +212,13 @@ class DStream:
         wa = self._window_args("reduce_by_key_and_window", window, slide)
         n = self._ssc._partitions("reduce_by_key_and_window", num_partitions)
         return self._new(
-            "window_reduce", [self], fn=fn, inv_fn=inv_fn, filter_fn=filter_fn,
-            num_partitions=n, **wa,
+            "window_reduce",
+            [self],
+            fn=fn,
+            inv_fn=inv_fn,
+            filter_fn=filter_fn,
+            num_partitions=n,
+            **wa,
         )
 
     def reduce_by_window(
@@ -232,8 +241,10 @@ class DStream:
         """One record per window: its record count (0 for an empty window)."""
         # count() gives one record per batch, also for an empty batch, so even a window
         # before the first record has its count (0)
-        counts = self.count().map(_zero_key).reduce_by_key_and_window(
-            operator.add, operator.sub, window, slide, num_partitions=1
+        counts = (
+            self.count()
+            .map(_zero_key)
+            .reduce_by_key_and_window(operator.add, operator.sub, window, slide, num_partitions=1)
         )
         return counts.map(_second)
 
@@ -313,7 +324,7 @@ class DStream:
         """Print the first *num* records of each batch, as Spark's ``pprint``."""
         self._new("output", [self], sink="pprint", num=num)
 
-    def to_kafka(self, topic: str, format: str = "json") -> None:  # noqa: A002
+    def to_kafka(self, topic: str, format: str = "json") -> None:
         """Write each batch exactly once to *topic* (``(key, value)`` records).
 
         Message key = the key encoded with *format*, value likewise, header
@@ -340,8 +351,9 @@ class DStream:
         if mode == "hash" and not hash_name:
             msg = "to_redis: mode='hash' needs hash_name"
             raise GraphError(msg)
-        self._new("output", [self], sink="redis", key_pattern=key_pattern, mode=mode,
-                  hash_name=hash_name)
+        self._new(
+            "output", [self], sink="redis", key_pattern=key_pattern, mode=mode, hash_name=hash_name
+        )
 
 
 def _zero_key(x: Any) -> tuple[int, Any]:
@@ -364,8 +376,9 @@ def _arity(fn: Callable[..., Any]) -> int:
     except (TypeError, ValueError):
         return 1
     return sum(
-        1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        and p.default is p.empty
+        1
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     )
 
 
@@ -376,6 +389,7 @@ class StreamingContext:
         batch_interval: seconds per batch (e.g. 1.0 or 0.5).
         num_partitions: default partition count of keyed operators; fixed for the app's
             life, since state partitions are keyed by it.
+
     """
 
     def __init__(self, batch_interval: float = 1.0, num_partitions: int = 4) -> None:
@@ -451,7 +465,9 @@ class StreamingContext:
             msg = f"kafka_stream: topics must be non-empty strings, got {topics!r}"
             raise GraphError(msg)
         if value_format not in _VALUE_FORMATS:
-            msg = f"kafka_stream: value_format must be one of {_VALUE_FORMATS}, got {value_format!r}"
+            msg = (
+                f"kafka_stream: value_format must be one of {_VALUE_FORMATS}, got {value_format!r}"
+            )
             raise GraphError(msg)
         if start not in ("earliest", "latest"):
             msg = f"kafka_stream: start must be 'earliest' or 'latest', got {start!r}"
@@ -459,15 +475,23 @@ class StreamingContext:
         return self._add(
             "source",
             (),
-            {"source": "kafka", "topics": tuple(sorted(set(names))), "value_format": value_format,
-             "start": start, "with_metadata": with_metadata},
+            {
+                "source": "kafka",
+                "topics": tuple(sorted(set(names))),
+                "value_format": value_format,
+                "start": start,
+                "with_metadata": with_metadata,
+            },
         )
 
-    def queue_stream(self, batches: Sequence[Sequence[Any]], default: Sequence[Any] = ()) -> DStream:
+    def queue_stream(
+        self, batches: Sequence[Sequence[Any]], default: Sequence[Any] = ()
+    ) -> DStream:
         """A test source: batch i holds ``batches[i]`` (then *default* once they run out)."""
         return self._add(
-            "source", (), {"source": "queue", "batches": [list(b) for b in batches],
-                           "default": list(default)},
+            "source",
+            (),
+            {"source": "queue", "batches": [list(b) for b in batches], "default": list(default)},
         )
 
     def validate(self) -> None:
@@ -475,6 +499,7 @@ class StreamingContext:
 
         Raises:
             GraphError: the graph has no source or no output.
+
         """
         if not any(n.kind == "source" for n in self.nodes):
             msg = "the graph has no input stream: add kafka_stream(...) or queue_stream(...)"

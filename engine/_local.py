@@ -30,6 +30,7 @@ class LocalRunner:
         first: the index of the first batch.
         slots: concurrent task slots of the local worker (tasks run one at a time; slots
             only shape the scheduling order, as on a worker).
+
     """
 
     def __init__(
@@ -70,8 +71,9 @@ class LocalRunner:
         for n in self.plan.nodes:
             if n.kind == "source" and n.args["source"] == "queue":
                 bid = f"in/{n.id}/{b}/0"
-                self.scheduler.block_added(bid, LOCAL, self.store.put(bid, self._queue_block(
-                    n.id, b)))
+                self.scheduler.block_added(
+                    bid, LOCAL, self.store.put(bid, self._queue_block(n.id, b))
+                )
         for bid, data in (input_blocks or {}).items():
             self.scheduler.block_added(bid, LOCAL, self.store.put(bid, data))
         while b in self.scheduler.batches:
@@ -103,8 +105,9 @@ class LocalRunner:
             size = self.store.put(spec.id, res.block)
         if res.dead_letters:
             self.sinks.dead_letters(res.dead_letters)
-        for out in self.scheduler.task_finished(spec.id, ins.attempt, LOCAL,
-                                                time.monotonic(), size):
+        for out in self.scheduler.task_finished(
+            spec.id, ins.attempt, LOCAL, time.monotonic(), size
+        ):
             if isinstance(out, FreeBlocks):
                 self.freed += self.store.free(out.block_ids)
             elif isinstance(out, BatchCompleted):

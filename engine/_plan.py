@@ -52,6 +52,7 @@ class TaskSpec:
         part: partition index.
         inputs: blocks read, as (block id, bucket); bucket -1 reads the whole block.
         stage: tasks of one stage share it; speculation compares a task with its stage.
+
     """
 
     id: str
@@ -80,6 +81,7 @@ class Plan:
     Args:
         nodes: the graph, in creation order (as built by ``build(ssc)``).
         source_partitions: partition count of each source node (Kafka topic-partitions).
+
     """
 
     def __init__(self, nodes: Sequence[Node], source_partitions: dict[int, int]) -> None:
@@ -108,14 +110,15 @@ class Plan:
             parents = tuple(remap.get(p.id, p) for p in n.parents)
             if n.kind == "window_reduce":
                 red = Node(
-                    id=next_id, kind="reduce_by_key", parents=parents,
+                    id=next_id,
+                    kind="reduce_by_key",
+                    parents=parents,
                     args={"fn": n.args["fn"], "num_partitions": n.args["num_partitions"]},
                     name=f"{n.name}.reduce",
                 )
                 next_id += 1
                 extra.append(red)
-                new = Node(id=n.id, kind="window_combine", parents=(red,), args=n.args,
-                           name=n.name)
+                new = Node(id=n.id, kind="window_combine", parents=(red,), args=n.args, name=n.name)
             elif parents != n.parents:
                 new = Node(id=n.id, kind=n.kind, parents=parents, args=n.args, name=n.name)
             else:
@@ -249,6 +252,7 @@ class Plan:
         Args:
             b: the batch index.
             first: the app's first batch; blocks of earlier batches are empty.
+
         """
         tasks: list[TaskSpec] = []
         for n in self.nodes:
@@ -272,30 +276,45 @@ class Plan:
             for m in range(self.nparts[parent.id]):
                 tid = f"sh/{n.id}/{side}/{b}/{m}"
                 map_ids.append(tid)
-                tasks.append(TaskSpec(tid, "map", n.id, side, b, m,
-                                      tuple(self.deps(parent, b, m, first)), f"map:{n.id}:{side}"))
+                tasks.append(
+                    TaskSpec(
+                        tid,
+                        "map",
+                        n.id,
+                        side,
+                        b,
+                        m,
+                        tuple(self.deps(parent, b, m, first)),
+                        f"map:{n.id}:{side}",
+                    )
+                )
         for p in range(self.nparts[n.id]):
             inputs = [(mid, p) for mid in map_ids]
             prev = b - self.period[n.id]
             if n.kind == "state" and prev >= first:
                 inputs.append((f"rd/{n.id}/{prev}/{p}", -1))
-            tasks.append(TaskSpec(f"rd/{n.id}/{b}/{p}", "result", n.id, 0, b, p, tuple(inputs),
-                                  f"reduce:{n.id}"))
+            tasks.append(
+                TaskSpec(
+                    f"rd/{n.id}/{b}/{p}", "result", n.id, 0, b, p, tuple(inputs), f"reduce:{n.id}"
+                )
+            )
         return tasks
 
     def _result_tasks(self, n: Node, b: int, first: int) -> list[TaskSpec]:
         tasks: list[TaskSpec] = []
         if n.kind == "transform":
             inputs = tuple(self.all_deps(n.parents[0], b, first))
-            return [TaskSpec(f"rd/{n.id}/{b}/0", "result", n.id, 0, b, 0, inputs,
-                             f"transform:{n.id}")]
+            return [
+                TaskSpec(f"rd/{n.id}/{b}/0", "result", n.id, 0, b, 0, inputs, f"transform:{n.id}")
+            ]
         for p in range(self.nparts[n.id]):
             if n.kind == "window_combine":
                 inputs = self._window_combine_inputs(n, b, p, first)
             else:  # a persisted narrow node: computes its own operator over its parents
                 inputs = self._own_inputs(n, b, p, first)
-            tasks.append(TaskSpec(f"rd/{n.id}/{b}/{p}", "result", n.id, 0, b, p, inputs,
-                                  f"persist:{n.id}"))
+            tasks.append(
+                TaskSpec(f"rd/{n.id}/{b}/{p}", "result", n.id, 0, b, p, inputs, f"persist:{n.id}")
+            )
         return tasks
 
     def _own_inputs(self, n: Node, b: int, p: int, first: int) -> tuple[InputRef, ...]:
@@ -337,11 +356,29 @@ class Plan:
     def _output_tasks(self, n: Node, b: int, first: int) -> list[TaskSpec]:
         parent = n.parents[0]
         if self.nparts[n.id] == 1 and n.args["sink"] in ("foreach", "pprint"):
-            return [TaskSpec(f"out/{n.id}/{b}/0", "output", n.id, 0, b, 0,
-                             tuple(self.all_deps(parent, b, first)), f"output:{n.id}")]
+            return [
+                TaskSpec(
+                    f"out/{n.id}/{b}/0",
+                    "output",
+                    n.id,
+                    0,
+                    b,
+                    0,
+                    tuple(self.all_deps(parent, b, first)),
+                    f"output:{n.id}",
+                )
+            ]
         return [
-            TaskSpec(f"out/{n.id}/{b}/{p}", "output", n.id, 0, b, p,
-                     tuple(self.deps(parent, b, p, first)), f"output:{n.id}")
+            TaskSpec(
+                f"out/{n.id}/{b}/{p}",
+                "output",
+                n.id,
+                0,
+                b,
+                p,
+                tuple(self.deps(parent, b, p, first)),
+                f"output:{n.id}",
+            )
             for p in range(self.nparts[n.id])
         ]
 
@@ -354,9 +391,19 @@ class Plan:
 
     def stateful_nodes(self) -> list[Node]:
         """Nodes whose partitions chain across batches (checkpointed state)."""
-        return [n for n in self.nodes if n.kind == "state" or (
-            n.kind == "window_combine" and n.args.get("inv_fn") is not None)]
+        return [
+            n
+            for n in self.nodes
+            if n.kind == "state"
+            or (n.kind == "window_combine" and n.args.get("inv_fn") is not None)
+        ]
 
     def describe(self) -> dict[str, Any]:
-        return {n.name: {"parts": self.nparts[n.id], "period": self.period[n.id],
-                         "boundary": n.id in self.boundary} for n in self.nodes}
+        return {
+            n.name: {
+                "parts": self.nparts[n.id],
+                "period": self.period[n.id],
+                "boundary": n.id in self.boundary,
+            }
+            for n in self.nodes
+        }

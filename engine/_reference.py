@@ -20,10 +20,13 @@ class ReferenceRunner:
         ssc: the built context (queue_stream sources, or ``inputs`` per source node id).
         first: index of the first batch.
         inputs: optional records per source node id, a list per batch (Kafka sources).
+
     """
 
     def __init__(
-        self, ssc: StreamingContext, first: int = 0,
+        self,
+        ssc: StreamingContext,
+        first: int = 0,
         inputs: dict[int, list[list[Any]]] | None = None,
     ) -> None:
         self.ssc = ssc
@@ -60,13 +63,16 @@ class ReferenceRunner:
 
     def _window(self, n: Node, lo: int, hi: int) -> list[list[Any]]:
         parent = n.parents[0]
-        return [self.get(parent, x) for x in range(max(lo + 1, self.first), hi + 1)
-                if self.emits(parent, x)]
+        return [
+            self.get(parent, x)
+            for x in range(max(lo + 1, self.first), hi + 1)
+            if self.emits(parent, x)
+        ]
 
-    def _eval(self, n: Node, b: int) -> list[Any]:  # noqa: C901 - one branch per operator
+    def _eval(self, n: Node, b: int) -> list[Any]:
         k, a = n.kind, n.args
         ins = [self.get(p, b) for p in n.parents]
-        fn = a.get("fn")
+        fn: Any = a.get("fn")
         if k == "source":
             if a["source"] == "queue":
                 i = b - self.first

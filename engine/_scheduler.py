@@ -102,6 +102,7 @@ class Scheduler:
         speculation: launch copies of stragglers.
         multiplier: a task is a straggler past ``multiplier`` x its stage's median.
         quantile: share of a stage that must have finished before speculating.
+
     """
 
     def __init__(
@@ -129,6 +130,7 @@ class Scheduler:
         self.completed: list[int] = []
         self.stats = SchedulerStats()
         self._reading: set[str] = set()
+        self._empty: list[int] = []
 
     # -- membership ------------------------------------------------------------------------
     def add_worker(self, worker: str, slots: int) -> None:
@@ -163,7 +165,7 @@ class Scheduler:
             self.locations.setdefault(block_id, set()).add(worker)
             if size:
                 self.sizes[block_id] = size
-    
+
     def block_lost(self, block_id: str, worker: str) -> None:
         """A fetch found *block_id* missing on *worker*."""
         self.locations.get(block_id, set()).discard(worker)
@@ -183,6 +185,8 @@ class Scheduler:
             if s.kind == "output":
                 outputs.add(s.id)
         self.batches[b] = _Batch(ids, outputs, now)
+        if not ids:  # nothing to run (a window between slide ends): complete on next tick
+            self._empty.append(b)
         return specs
 
     def pending_batches(self) -> list[int]:
@@ -246,14 +250,13 @@ class Scheduler:
                 out.extend(self._complete(t.spec.batch))
         return out
 
-    def task_failed(self, task_id: str, attempt: int, worker: str,
-                    missing: str | None = None) -> None:
+    def task_failed(
+        self, task_id: str, attempt: int, worker: str, missing: str | None = None
+    ) -> None:
         """An attempt failed; with *missing*, because that input block was gone."""
         t = self.tasks.get(task_id)
         if missing:
-            self.block_lost(missing, worker if missing in self.locations else worker)
-            for holders in [self.locations.get(missing, set())]:
-                holders.discard(worker)
+            self.block_lost(missing, worker)
         if t is None or attempt not in t.attempts:
             return
         w, _ = t.attempts.pop(attempt)
@@ -276,7 +279,7 @@ class Scheduler:
                 self.tasks.pop(x, None)
         per_worker: dict[str, list[str]] = {}
         for bid in list(self.locations):
-            if self.plan.freeable(bid, done_upto) and not self._needed_by_pending(bid):
+            if self.plan.freeable(bid, done_upto):
                 for w in self.locations.pop(bid):
                     per_worker.setdefault(w, []).append(bid)
                 self.sizes.pop(bid, None)
@@ -286,15 +289,15 @@ class Scheduler:
 
     def _done_upto(self) -> int:
         """Every batch up to this one is complete (batches complete out of order)."""
-        pending = [b for b in self.batches if self.batches[b].outputs_left or any(
-            self.tasks[x].status != DONE for x in self.batches[b].tasks if x in self.tasks)]
+        pending = [
+            b
+            for b in self.batches
+            if self.batches[b].outputs_left
+            or any(self.tasks[x].status != DONE for x in self.batches[b].tasks if x in self.tasks)
+        ]
         if pending:
             return min(pending) - 1
         return max(self.completed) if self.completed else self.first - 1
-
-    def _needed_by_pending(self, block_id: str) -> bool:
-        b = block_batch(block_id)
-        return any(ob >= b for ob in self.batches)
 
     # -- launching -------------------------------------------------------------------------
     def _missing_inputs(self, t: _Task) -> list[str]:
@@ -303,6 +306,8 @@ class Scheduler:
     def tick(self, now: float) -> list[Instruction]:
         """Launch ready tasks into free slots (locality first), then speculative copies."""
         out: list[Instruction] = []
+        while self._empty:
+            out.extend(self._complete(self._empty.pop(0)))
         free = {w: self.slots[w] - self.busy.get(w, 0) for w in self.slots}
         if not any(v > 0 for v in free.values()):
             return out
@@ -338,18 +343,21 @@ class Scheduler:
             batch.first_launch = now
         return LaunchTask(t.spec, w, a, speculative)
 
-    def _pick_worker(self, spec: TaskSpec, free: dict[str, int],
-                     exclude: Iterable[str] = ()) -> str | None:
+    def _pick_worker(
+        self, spec: TaskSpec, free: dict[str, int], exclude: Iterable[str] = ()
+    ) -> str | None:
         ex = set(exclude)
         best: str | None = None
         best_score = -1
         for w in sorted(free):
             if free[w] <= 0 or w in ex:
                 continue
-            score = sum(self.sizes.get(bid, 1) for bid, _ in spec.inputs
-                        if w in self.locations.get(bid, ()))
-            if score > best_score or (score == best_score and best is not None
-                                      and free[w] > free[best]):
+            score = sum(
+                self.sizes.get(bid, 1) for bid, _ in spec.inputs if w in self.locations.get(bid, ())
+            )
+            if score > best_score or (
+                score == best_score and best is not None and free[w] > free[best]
+            ):
                 best, best_score = w, score
         return best
 
@@ -379,12 +387,11 @@ class Scheduler:
             done = [t.duration for t in group if t.status == DONE]
             if len(group) < 2 or len(done) < self.quantile * len(group):
                 continue
-            threshold = max(self.min_straggler_seconds,
-                            self.multiplier * statistics.median(done))
+            threshold = max(self.min_straggler_seconds, self.multiplier * statistics.median(done))
             for t in group:
                 if t.status != RUNNING or t.speculated or len(t.attempts) != 1:
                     continue
-                (w, t0), = t.attempts.values()
+                ((w, t0),) = t.attempts.values()
                 if now - t0 <= threshold:
                     continue
                 target = self._pick_worker(t.spec, free, exclude=[w])

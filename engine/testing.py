@@ -27,7 +27,9 @@ Pipeline = Callable[..., DStream]
 
 
 def _build(
-    inputs: Sequence[Sequence[Sequence[Any]]], func: Pipeline, batch_interval: float,
+    inputs: Sequence[Sequence[Sequence[Any]]],
+    func: Pipeline,
+    batch_interval: float,
     num_partitions: int,
 ) -> tuple[StreamingContext, list[tuple[int, list[Any]]]]:
     ssc = StreamingContext(batch_interval, num_partitions=num_partitions)

@@ -77,6 +77,7 @@ class Receivers:
     Args:
         consumer_config: librdkafka settings (bootstrap, pass-through client settings).
         max_records: cap of records per partition per batch (0 = none).
+
     """
 
     def __init__(self, consumer_config: dict[str, Any], max_records: int = 0) -> None:
@@ -108,8 +109,9 @@ class Receivers:
                 if old is not None and old.node == a.node:
                     new[key] = old
                 else:
-                    new[key] = _Part(a.node, a.index, a.topic, a.partition, a.start, a.start,
-                                     a.with_meta)
+                    new[key] = _Part(
+                        a.node, a.index, a.topic, a.partition, a.start, a.start, a.with_meta
+                    )
             self._parts = new
             self._reassign.set()
         if self._thread is None and new:
@@ -127,11 +129,26 @@ class Receivers:
             resume = []
             for p in self._parts.values():
                 data = encode_input_block(
-                    p.topic, p.partition, p.start, p.position, p.values, p.offsets,
-                    p.keys if p.with_meta else None, p.stamps if p.with_meta else None,
+                    p.topic,
+                    p.partition,
+                    p.start,
+                    p.position,
+                    p.values,
+                    p.offsets,
+                    p.keys if p.with_meta else None,
+                    p.stamps if p.with_meta else None,
                 )
-                sealed.append(SealedBlock(f"in/{p.node}/{b}/{p.index}", p.topic, p.partition,
-                                          p.start, p.position, len(p.values), data))
+                sealed.append(
+                    SealedBlock(
+                        f"in/{p.node}/{b}/{p.index}",
+                        p.topic,
+                        p.partition,
+                        p.start,
+                        p.position,
+                        len(p.values),
+                        data,
+                    )
+                )
                 p.start = p.position
                 p.values, p.offsets, p.keys, p.stamps = [], [], [], []
                 if p.paused:
@@ -153,8 +170,11 @@ class Receivers:
 
         with self._lock:
             self._reassign.clear()
-            tps = [TopicPartition(p.topic, p.partition, p.position)
-                   for p in self._parts.values() if not p.paused]
+            tps = [
+                TopicPartition(p.topic, p.partition, p.position)
+                for p in self._parts.values()
+                if not p.paused
+            ]
         self._consumer.assign(tps)
 
     def _run(self) -> None:

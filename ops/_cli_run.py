@@ -46,8 +46,9 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("coordinator", help="run the coordinator")
     _common(p)
-    p.add_argument("--expect-workers", type=int, default=1,
-                   help="workers to wait for before the first batch")
+    p.add_argument(
+        "--expect-workers", type=int, default=1, help="workers to wait for before the first batch"
+    )
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("worker", help="run a worker")
@@ -64,7 +65,8 @@ def register(sub: Any) -> None:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, str(level).upper(), logging.INFO),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
     )
 
 
@@ -72,16 +74,22 @@ def _settings(args: argparse.Namespace, **more: Any) -> Any:
     from ops.services import settings_from
 
     return settings_from(
-        app_id=args.app_id, batch_interval=args.batch_interval,
-        num_partitions=args.num_partitions, kafka_bootstrap=args.kafka_bootstrap,
-        redis_url=args.redis_url, checkpoint_every=args.checkpoint_every, **more,
+        app_id=args.app_id,
+        batch_interval=args.batch_interval,
+        num_partitions=args.num_partitions,
+        kafka_bootstrap=args.kafka_bootstrap,
+        redis_url=args.redis_url,
+        checkpoint_every=args.checkpoint_every,
+        **more,
     )
 
 
 def _require_secret(settings: Any) -> None:
     if not settings.secret.get_secret_value():
-        msg = ("DSTREAM_SECRET is not set: the RPC transport needs a shared secret "
-               "(dstream run generates one for its local fleet)")
+        msg = (
+            "DSTREAM_SECRET is not set: the RPC transport needs a shared secret "
+            "(dstream run generates one for its local fleet)"
+        )
         raise ConfigError(msg)
 
 
@@ -93,8 +101,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _require_secret(settings)
     log.info("settings: %s", settings.redacted())
-    return run_coordinator(settings, args.app, app_id_for(args.app, settings),
-                           args.expect_workers)
+    return run_coordinator(settings, args.app, app_id_for(args.app, settings), args.expect_workers)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -138,14 +145,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     common = ["--app", args.app, "--log-level", args.log_level]
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(subprocess.Popen(
-            [*base, "coordinator", *common, "--expect-workers", str(args.workers)],
-            env=env, preexec_fn=_die_with_parent))  # noqa: PLW1509
+        procs.append(
+            subprocess.Popen(
+                [*base, "coordinator", *common, "--expect-workers", str(args.workers)],
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        )
         for _ in range(args.workers):
-            procs.append(subprocess.Popen([*base, "worker", *common], env=env,
-                                          preexec_fn=_die_with_parent))  # noqa: PLW1509
-        log.info("fleet of app %s: coordinator %s and %d workers", app_id,
-                 env["DSTREAM_COORDINATOR"], args.workers)
+            procs.append(
+                subprocess.Popen([*base, "worker", *common], env=env, preexec_fn=_die_with_parent)
+            )
+        log.info(
+            "fleet of app %s: coordinator %s and %d workers",
+            app_id,
+            env["DSTREAM_COORDINATOR"],
+            args.workers,
+        )
         while True:
             for p in procs:
                 code = p.poll()

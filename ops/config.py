@@ -137,6 +137,7 @@ def load_settings(**overrides: Any) -> Settings:
 
     Raises:
         ConfigError: a value is invalid; the message names the setting and the value.
+
     """
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:

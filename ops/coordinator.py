@@ -8,6 +8,7 @@ batch's offset ranges to Redis, and only then schedules the batch's tasks. It gr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -26,10 +27,10 @@ from engine._scheduler import (
     ReadInput,
     Scheduler,
 )
-from engine.errors import DStreamError
+from engine.errors import DStreamError, RpcError
 from ops import metrics
 from ops.config import Settings
-from ops.rpc import RpcClient, RpcError, RpcServer
+from ops.rpc import RpcClient, RpcServer
 from ops.services import build_context, redis_client, source_layout, topic_partitions
 from ops.worker import task_spec_to_wire
 from state.metalog import MetaLog, OffsetRange, RedisMetaLog
@@ -66,15 +67,27 @@ class BatchInfo:
 class Coordinator:
     """One coordinator process (``dstream coordinator``)."""
 
-    def __init__(self, settings: Settings, app_path: str, app_id: str,
-                 expect_workers: int = 1, metalog: MetaLog | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        app_path: str,
+        app_id: str,
+        expect_workers: int = 1,
+        metalog: MetaLog | None = None,
+    ) -> None:
         self.settings = settings
         self.app_id = app_id
         self.secret = settings.secret.get_secret_value().encode()
         self.ssc = build_context(app_path, settings)
         self.expect_workers = expect_workers
-        topics = sorted({t for n in self.ssc.nodes if n.kind == "source"
-                         and n.args["source"] == "kafka" for t in n.args["topics"]})
+        topics = sorted(
+            {
+                t
+                for n in self.ssc.nodes
+                if n.kind == "source" and n.args["source"] == "kafka"
+                for t in n.args["topics"]
+            }
+        )
         counts = topic_partitions(settings, topics) if topics else {}
         self.layout = source_layout(self.ssc, counts)
         self.plan = Plan(self.ssc.nodes, {k: len(v) for k, v in self.layout.items()})
@@ -83,11 +96,15 @@ class Coordinator:
         logged = self.metalog.batches()
         done = self.metalog.done()
         self.first = self.metalog.first_batch(0)
-        self.next_batch = max([self.first, (done + 1) if done is not None else self.first,
-                               *(b + 1 for b in logged)])
+        self.next_batch = max(
+            [self.first, (done + 1) if done is not None else self.first, *(b + 1 for b in logged)]
+        )
         self.scheduler = Scheduler(
-            self.plan, self.first, speculation=settings.speculation,
-            multiplier=settings.speculation_multiplier, quantile=settings.speculation_quantile,
+            self.plan,
+            self.first,
+            speculation=settings.speculation,
+            multiplier=settings.speculation_multiplier,
+            quantile=settings.speculation_quantile,
         )
         self.positions = self._initial_positions(logged)
         self.workers: dict[str, WorkerInfo] = {}
@@ -97,17 +114,25 @@ class Coordinator:
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.io = ThreadPoolExecutor(8, thread_name_prefix="coord-io")
-        host, _, port = settings.coordinator.rpartition(":")
-        self.server = RpcServer(self._handle, secret=self.secret, host=settings.bind_host,
-                                port=int(port), max_frame=settings.max_frame_bytes,
-                                name="coordinator")
+        _host, _, port = settings.coordinator.rpartition(":")
+        self.server = RpcServer(
+            self._handle,
+            secret=self.secret,
+            host=settings.bind_host,
+            port=int(port),
+            max_frame=settings.max_frame_bytes,
+            name="coordinator",
+        )
         self._assignment_dirty = True
 
     # -- positions -------------------------------------------------------------------------
-    def _initial_positions(self, logged: dict[int, dict[str, OffsetRange]]) -> dict[
-            tuple[int, int], int]:
-        """Next offset to read per (source node, partition index): after the last logged
-        batch, else the earliest (or latest) offset of the partition."""
+    def _initial_positions(
+        self, logged: dict[int, dict[str, OffsetRange]]
+    ) -> dict[tuple[int, int], int]:
+        """Next offset to read per (source node, partition index).
+
+        After the last logged batch, else the earliest (or latest) offset of the partition.
+        """
         from confluent_kafka import Consumer, TopicPartition
 
         pos: dict[tuple[int, int], int] = {}
@@ -115,29 +140,44 @@ class Coordinator:
             for bid, (_t, _p, _lo, until, _n) in logged[b].items():
                 _, node, _, idx = bid.split("/")
                 pos[(int(node), int(idx))] = until
-        need = [(node, i, tp) for node, tps in self.layout.items() for i, tp in enumerate(tps)
-                if (node, i) not in pos and tp[0]]
+        need = [
+            (node, i, tp)
+            for node, tps in self.layout.items()
+            for i, tp in enumerate(tps)
+            if (node, i) not in pos and tp[0]
+        ]
         if need:
-            c = Consumer(self.settings.kafka_client_config(**{
-                "group.id": f"dstream-{self.app_id}-coordinator", "enable.auto.commit": False}))
+            c = Consumer(
+                self.settings.kafka_client_config(
+                    **{
+                        "group.id": f"dstream-{self.app_id}-coordinator",
+                        "enable.auto.commit": False,
+                    }
+                )
+            )
             try:
-                for node, i, (topic, part) in need:
+                for src, index, (topic, part) in need:
                     lo, hi = c.get_watermark_offsets(TopicPartition(topic, part), timeout=30)
-                    latest = self.ssc.nodes[node].args.get("start") == "latest"
-                    pos[(node, i)] = hi if latest else lo
+                    latest = self.ssc.nodes[src].args.get("start") == "latest"
+                    pos[(src, index)] = hi if latest else lo
             finally:
                 c.close()
-        for node, tps in self.layout.items():
-            for i, tp in enumerate(tps):
+        for src, tps in self.layout.items():
+            for index, tp in enumerate(tps):
                 if not tp[0]:
-                    pos.setdefault((node, i), 0)
+                    pos.setdefault((src, index), 0)
         return pos
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self.server.start()
-        log.info("coordinator up on %s:%d (app %s, epoch %d, resuming at batch %d)",
-                 *self.server.address, self.app_id, self.epoch, self.next_batch)
+        log.info(
+            "coordinator up on %s:%d (app %s, epoch %d, resuming at batch %d)",
+            *self.server.address,
+            self.app_id,
+            self.epoch,
+            self.next_batch,
+        )
         threading.Thread(target=self._clock, name="batch-clock", daemon=True).start()
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
 
@@ -146,10 +186,8 @@ class Coordinator:
         with self.lock:
             workers = list(self.workers.values())
         for w in workers:
-            try:
+            with contextlib.suppress(RpcError):
                 w.client.call("stop", timeout=2)
-            except RpcError:
-                pass
             w.client.close()
         self.io.shutdown(wait=False, cancel_futures=True)
         self.server.stop()
@@ -172,11 +210,16 @@ class Coordinator:
             return self._task_done(params)
         if method == "task_failed":
             with self.lock:
-                self.scheduler.task_failed(params["task"], params["attempt"], params["worker"],
-                                           params.get("missing"))
+                self.scheduler.task_failed(
+                    params["task"], params["attempt"], params["worker"], params.get("missing")
+                )
                 if not params.get("missing"):
-                    log.warning("task %s failed on %s: %s", params["task"], params["worker"],
-                                params["error"])
+                    log.warning(
+                        "task %s failed on %s: %s",
+                        params["task"],
+                        params["worker"],
+                        params["error"],
+                    )
                 self._dispatch()
             return True
         if method == "request_commit":
@@ -200,9 +243,12 @@ class Coordinator:
                 self._assignment_dirty = True
                 log.info("worker %s joined (%d slots)", wid, params["slots"])
             metrics.LIVE_WORKERS.set(len(self.workers))
-        return {"epoch": self.epoch, "first": self.first,
-                "layout": {str(k): [list(tp) for tp in v] for k, v in self.layout.items()},
-                "interval_ms": self.ssc.batch_interval_ms}
+        return {
+            "epoch": self.epoch,
+            "first": self.first,
+            "layout": {str(k): [list(tp) for tp in v] for k, v in self.layout.items()},
+            "interval_ms": self.ssc.batch_interval_ms,
+        }
 
     def _monitor(self) -> None:
         """Declare workers lost after ``heartbeat_misses`` silent heartbeat intervals."""
@@ -252,8 +298,8 @@ class Coordinator:
             topic, part = self.layout[node][idx]
             per[owner].append([node, idx, topic, part, self.positions[(node, idx)]])
         for i, w in enumerate(workers):
-            peers = workers[i + 1:] + workers[:i]
-            params = {"parts": per[w], "peers": peers}
+            peers = workers[i + 1 :] + workers[:i]
+            params: dict[str, Any] = {"parts": per[w], "peers": peers}
             if self.settings.max_records_per_partition:
                 params["max_records"] = self.settings.max_records_per_partition
             try:
@@ -291,13 +337,15 @@ class Coordinator:
             b = self.next_batch
             self.next_batch += 1
             workers = list(self.workers.values())
-        futures = {w.id: self.io.submit(w.client.call, "seal", {"batch": b},
-                                        SEAL_TIMEOUT_S) for w in workers}
+        futures = {
+            w.id: self.io.submit(w.client.call, "seal", {"batch": b}, SEAL_TIMEOUT_S)
+            for w in workers
+        }
         reports: list[Any] = []
         for wid, f in futures.items():
             try:
                 reports.extend(f.result())
-            except Exception as e:  # noqa: BLE001 - a worker failing to seal is lost
+            except Exception as e:
                 log.warning("seal of batch %d on %s failed: %s", b, wid, e)
         info = BatchInfo(b, time_ms, time.monotonic())
         for bid, topic, part, lo, until, count, _size, _holders in reports:
@@ -336,8 +384,12 @@ class Coordinator:
             elif isinstance(ins, CancelTask):
                 w = self.workers.get(ins.worker)
                 if w is not None:
-                    self.io.submit(_quiet_call, w.client, "cancel",
-                                   {"task": ins.task_id, "attempt": ins.attempt})
+                    self.io.submit(
+                        _quiet_call,
+                        w.client,
+                        "cancel",
+                        {"task": ins.task_id, "attempt": ins.attempt},
+                    )
             elif isinstance(ins, BatchCompleted):
                 self._batch_completed(ins.batch)
             elif isinstance(ins, ReadInput):
@@ -355,8 +407,12 @@ class Coordinator:
         w = self.workers.get(ins.worker)
         if w is None:
             return
-        params = {"spec": task_spec_to_wire(spec), "attempt": ins.attempt,
-                  "locations": locations, "time_ms": info.time_ms if info else 0}
+        params = {
+            "spec": task_spec_to_wire(spec),
+            "attempt": ins.attempt,
+            "locations": locations,
+            "time_ms": info.time_ms if info else 0,
+        }
         self.io.submit(self._send_launch, w, spec.id, ins.attempt, params)
 
     def _send_launch(self, w: WorkerInfo, task_id: str, attempt: int, params: Any) -> None:
@@ -371,8 +427,9 @@ class Coordinator:
     def _task_done(self, p: dict[str, Any]) -> bool:
         with self.lock:
             before = self.scheduler.stats.speculative_won
-            out = self.scheduler.task_finished(p["task"], p["attempt"], p["worker"],
-                                               time.monotonic(), p.get("size", 0))
+            out = self.scheduler.task_finished(
+                p["task"], p["attempt"], p["worker"], time.monotonic(), p.get("size", 0)
+            )
             if self.scheduler.stats.speculative_won > before:
                 metrics.SPECULATIVE_WON.inc()
             self._apply(out)
@@ -399,30 +456,52 @@ class Coordinator:
         try:
             self.metalog.mark_done(self.epoch, b)
             self.metalog.forget_before(b - 1000)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             log.warning("marking batch %d done failed: %s", b, e)
 
     # -- status ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         with self.lock:
-            batches = [{
-                "batch": i.batch, "time_ms": i.time_ms, "records": i.records,
-                "scheduling_delay": (i.first_task - i.sealed_at) if i.first_task else None,
-                "processing_time": (i.done_at - i.first_task) if i.done_at and i.first_task
-                else None,
-                "total_delay": (i.done_at - i.sealed_at) if i.done_at else None,
-            } for i in self.history[-50:]]
+            batches = [
+                {
+                    "batch": i.batch,
+                    "time_ms": i.time_ms,
+                    "records": i.records,
+                    "scheduling_delay": (i.first_task - i.sealed_at) if i.first_task else None,
+                    "processing_time": (i.done_at - i.first_task)
+                    if i.done_at and i.first_task
+                    else None,
+                    "total_delay": (i.done_at - i.sealed_at) if i.done_at else None,
+                }
+                for i in self.history[-50:]
+            ]
             return {
-                "app": self.app_id, "epoch": self.epoch, "next_batch": self.next_batch,
+                "app": self.app_id,
+                "epoch": self.epoch,
+                "next_batch": self.next_batch,
                 "pending": sorted(self.scheduler.batches),
                 "batches": batches,
-                "workers": [{"id": w.id, "slots": w.slots, "store_bytes": w.store_bytes,
-                             "blocks": w.blocks, "received": w.received}
-                            for w in self.workers.values()],
-                "receivers": [{"node": n, "index": i, "topic": self.layout[n][i][0],
-                               "partition": self.layout[n][i][1], "owner": o,
-                               "position": self.positions.get((n, i))}
-                              for (n, i), o in sorted(self.assignment.items())],
+                "workers": [
+                    {
+                        "id": w.id,
+                        "slots": w.slots,
+                        "store_bytes": w.store_bytes,
+                        "blocks": w.blocks,
+                        "received": w.received,
+                    }
+                    for w in self.workers.values()
+                ],
+                "receivers": [
+                    {
+                        "node": n,
+                        "index": i,
+                        "topic": self.layout[n][i][0],
+                        "partition": self.layout[n][i][1],
+                        "owner": o,
+                        "position": self.positions.get((n, i)),
+                    }
+                    for (n, i), o in sorted(self.assignment.items())
+                ],
                 "stats": vars(self.scheduler.stats),
             }
 

@@ -53,7 +53,8 @@ SPECULATIVE_WON = Counter(
 )
 RECOVERIES = Counter("dstream_recoveries_total", "Recoveries of lost workers or state")
 RECOVERY_TIME = Histogram(
-    "dstream_recovery_seconds", "Time from a loss being detected to the fleet caught up",
+    "dstream_recovery_seconds",
+    "Time from a loss being detected to the fleet caught up",
     buckets=_DELAY_BUCKETS,
 )
 CHECKPOINT_DURATION = Histogram(
@@ -67,7 +68,8 @@ DEAD_LETTERED = Counter(
 )
 LIVE_WORKERS = Gauge("dstream_live_workers", "Workers with a current heartbeat")
 DEGRADED = Gauge(
-    "dstream_dependency_degraded", "1 while a dependency (kafka, redis) is unreachable",
+    "dstream_dependency_degraded",
+    "1 while a dependency (kafka, redis) is unreachable",
     ["dependency"],
 )
 

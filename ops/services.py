@@ -24,14 +24,14 @@ REDIS_TIMEOUT_S = 5.0
 def settings_from(**flags: Any) -> Settings:
     """Settings from flags and the environment, falling back to ``dstream dev up`` services."""
     extra: dict[str, Any] = {}
-    if "DSTREAM_KAFKA_BOOTSTRAP" not in os.environ and not flags.get("kafka_bootstrap") or (
+    if ("DSTREAM_KAFKA_BOOTSTRAP" not in os.environ and not flags.get("kafka_bootstrap")) or (
         "DSTREAM_REDIS_URL" not in os.environ and not flags.get("redis_url")
     ):
         try:
             from ops.devservices import discovered_env
 
             found = discovered_env()
-        except Exception:  # noqa: BLE001 - discovery is a convenience, never fatal
+        except Exception:
             found = {}
         if "DSTREAM_KAFKA_BOOTSTRAP" not in os.environ and found.get("kafka_bootstrap"):
             extra["kafka_bootstrap"] = found["kafka_bootstrap"]
@@ -45,16 +45,20 @@ def redis_client(settings: Settings) -> Any:
     """A Redis client for the settings' URL (AUTH and TLS via ``rediss://`` work)."""
     import redis
 
-    kwargs: dict[str, Any] = {"socket_timeout": REDIS_TIMEOUT_S,
-                              "socket_connect_timeout": REDIS_TIMEOUT_S,
-                              "health_check_interval": 10}
+    kwargs: dict[str, Any] = {
+        "socket_timeout": REDIS_TIMEOUT_S,
+        "socket_connect_timeout": REDIS_TIMEOUT_S,
+        "health_check_interval": 10,
+    }
     password = settings.redis_password.get_secret_value()
     if password:
         kwargs["password"] = password
     return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
 
 
-def topic_partitions(settings: Settings, topics: list[str], timeout: float = 30.0) -> dict[str, int]:
+def topic_partitions(
+    settings: Settings, topics: list[str], timeout: float = 30.0
+) -> dict[str, int]:
     """Partition count of each topic; raises ConfigError naming a missing topic."""
     from confluent_kafka.admin import AdminClient
 
@@ -76,7 +80,7 @@ def topic_partitions(settings: Settings, topics: list[str], timeout: float = 30.
 def ensure_topic(settings: Settings, topic: str, partitions: int = 1) -> None:
     """Create *topic* if missing (output and dead-letter topics)."""
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     admin = AdminClient(settings.kafka_client_config())
     if topic in admin.list_topics(timeout=30).topics:
@@ -122,7 +126,9 @@ def app_id_for(path: str, settings: Settings) -> str:
     return settings.app_id or Path(path).stem
 
 
-def source_layout(ssc: StreamingContext, counts: dict[str, int]) -> dict[int, list[tuple[str, int]]]:
+def source_layout(
+    ssc: StreamingContext, counts: dict[str, int]
+) -> dict[int, list[tuple[str, int]]]:
     """Per source node, its (topic, partition) list in block-index order."""
     layout: dict[int, list[tuple[str, int]]] = {}
     seen: dict[tuple[str, int], int] = {}

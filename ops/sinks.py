@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
+from engine._codec import pack
 from engine._exec import DeadLetter
 from engine._graph import Node
 from engine._plan import TaskSpec
@@ -51,10 +53,7 @@ def _default(x: Any) -> Any:
 
 def encode_output(record: Any, fmt: str) -> tuple[bytes | None, bytes]:
     """Message key and value of an output record: ``(key, value)`` pairs split, others whole."""
-    if fmt == "msgpack":
-        from engine._codec import pack as enc
-    else:
-        enc = _json
+    enc: Callable[[Any], bytes] = pack if fmt == "msgpack" else _json
     if isinstance(record, tuple | list) and len(record) == 2:
         return enc(record[0]), enc(record[1])
     return None, enc(record)
@@ -107,18 +106,26 @@ class FleetSinks(SinkEnv):
             if got is not None:
                 return got
         tid = f"{self.app_id}-{node.id}-{part}"
-        producer = Producer(self.settings.kafka_client_config(**{
-            "transactional.id": tid,
-            "transaction.timeout.ms": TXN_TIMEOUT_MS,
-            "linger.ms": 5,
-            "enable.idempotence": True,
-        }))
+        producer = Producer(
+            self.settings.kafka_client_config(
+                **{
+                    "transactional.id": tid,
+                    "transaction.timeout.ms": TXN_TIMEOUT_MS,
+                    "linger.ms": 5,
+                    "enable.idempotence": True,
+                }
+            )
+        )
         producer.init_transactions(KAFKA_CALL_TIMEOUT_S)
-        marker = Consumer(self.settings.kafka_client_config(**{
-            "group.id": f"{tid}-commits",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }))
+        marker = Consumer(
+            self.settings.kafka_client_config(
+                **{
+                    "group.id": f"{tid}-commits",
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                }
+            )
+        )
         with self._lock:
             self._producers[key] = (producer, marker)
         return producer, marker
@@ -146,7 +153,8 @@ class FleetSinks(SinkEnv):
                     except BufferError:
                         producer.poll(0.05)
             producer.send_offsets_to_transaction(
-                [TopicPartition(topic, 0, spec.batch + 1)], marker.consumer_group_metadata(),
+                [TopicPartition(topic, 0, spec.batch + 1)],
+                marker.consumer_group_metadata(),
                 KAFKA_CALL_TIMEOUT_S,
             )
             producer.commit_transaction(KAFKA_CALL_TIMEOUT_S)
@@ -164,8 +172,10 @@ class FleetSinks(SinkEnv):
                 with self._lock:  # fenced or broken: a fresh producer next time
                     self._producers.pop((node.id, spec.part), None)
             if err is not None and "fenced" in str(err).lower():
-                raise FencedError(f"{node.name} partition {spec.part}: {err}") from e
-            raise DStreamError(f"{node.name}: Kafka commit of batch {spec.batch} failed: {e}") from e
+                msg = f"{node.name} partition {spec.part}: {err}"
+                raise FencedError(msg) from e
+            msg = f"{node.name}: Kafka commit of batch {spec.batch} failed: {e}"
+            raise DStreamError(msg) from e
 
     # -- redis -----------------------------------------------------------------------------
     def _redis_commit(self, node: Node, spec: TaskSpec, records: list[Any]) -> None:
@@ -178,9 +188,14 @@ class FleetSinks(SinkEnv):
             self._redis_script = self._redis.register_script(_REDIS_COMMIT)
         prefix = f"dstream:{self.app_id}:"
         mode = node.args["mode"]
-        args: list[Any] = [self._epoch_fn(), spec.part, spec.batch, mode,
-                           prefix + node.args["hash_name"] if mode == "hash" else "",
-                           len(records)]
+        args: list[Any] = [
+            self._epoch_fn(),
+            spec.part,
+            spec.batch,
+            mode,
+            prefix + node.args["hash_name"] if mode == "hash" else "",
+            len(records),
+        ]
         for r in records:
             k, v = (r[0], r[1]) if isinstance(r, tuple | list) and len(r) == 2 else (r, r)
             name = str(k) if mode == "hash" else prefix + node.args["key_pattern"].format(key=k)
@@ -211,7 +226,9 @@ class FleetSinks(SinkEnv):
         from ops.metrics import DEAD_LETTERED
 
         for d in letters:
-            DEAD_LETTERED.labels(reason="decode" if d.operator.endswith(".decode") else "user").inc()
+            DEAD_LETTERED.labels(
+                reason="decode" if d.operator.endswith(".decode") else "user"
+            ).inc()
         self.dead_lettered += len(letters)
         topic = self.settings.dead_letter_topic or f"{self.app_id}-dead-letters"
         from confluent_kafka import Producer

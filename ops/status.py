@@ -19,17 +19,44 @@ def _ms(x: float | None) -> str | None:
 
 def format_status(st: dict[str, Any]) -> str:
     """Batches (with delays), workers and receivers as aligned tables."""
-    out = [f"app {st['app']}  epoch {st['epoch']}  next batch {st['next_batch']}  "
-           f"pending {len(st['pending'])}", ""]
-    out.append(_table(
-        ["batch", "records", "scheduling delay", "processing time", "total delay"],
-        [[b["batch"], b["records"], _ms(b["scheduling_delay"]), _ms(b["processing_time"]),
-          _ms(b["total_delay"])] for b in st["batches"][-10:]],
-    ))
-    out += ["", _table(["worker", "slots", "blocks", "store bytes", "received"],
-                       [[w["id"], w["slots"], w["blocks"], w["store_bytes"], w["received"]]
-                        for w in st["workers"]])]
-    out += ["", _table(["topic", "partition", "owner", "position", "lag"],
-                       [[r["topic"] or "(queue)", r["partition"], r["owner"], r["position"],
-                         r.get("lag")] for r in st["receivers"]])]
+    out = [
+        f"app {st['app']}  epoch {st['epoch']}  next batch {st['next_batch']}  "
+        f"pending {len(st['pending'])}",
+        "",
+    ]
+    out.append(
+        _table(
+            ["batch", "records", "scheduling delay", "processing time", "total delay"],
+            [
+                [
+                    b["batch"],
+                    b["records"],
+                    _ms(b["scheduling_delay"]),
+                    _ms(b["processing_time"]),
+                    _ms(b["total_delay"]),
+                ]
+                for b in st["batches"][-10:]
+            ],
+        )
+    )
+    out += [
+        "",
+        _table(
+            ["worker", "slots", "blocks", "store bytes", "received"],
+            [
+                [w["id"], w["slots"], w["blocks"], w["store_bytes"], w["received"]]
+                for w in st["workers"]
+            ],
+        ),
+    ]
+    out += [
+        "",
+        _table(
+            ["topic", "partition", "owner", "position", "lag"],
+            [
+                [r["topic"] or "(queue)", r["partition"], r["owner"], r["position"], r.get("lag")]
+                for r in st["receivers"]
+            ],
+        ),
+    ]
     return "\n".join(out)

@@ -21,11 +21,11 @@ from typing import Any
 from engine._codec import encode_input_block
 from engine._exec import BlockMissing, Executor, StateBlock
 from engine._plan import Plan, TaskSpec, block_node
-from engine.errors import DStreamError
+from engine.errors import DStreamError, RpcError
 from ingest.receiver import Assignment, Receivers
 from ops import metrics
 from ops.config import Settings
-from ops.rpc import ConnectionLost, RemoteError, RpcClient, RpcError, RpcServer, RpcTimeout
+from ops.rpc import ConnectionLost, RemoteError, RpcClient, RpcServer, RpcTimeout
 from ops.services import build_context
 from ops.sinks import FleetSinks
 from state.blockstore import BlockStore
@@ -41,8 +41,9 @@ COMMIT_WAIT_S = 0.005
 
 def task_spec_from_wire(w: Any) -> TaskSpec:
     tid, kind, node, side, batch, part, inputs, stage = w
-    return TaskSpec(tid, kind, node, side, batch, part,
-                    tuple((str(b), int(k)) for b, k in inputs), stage)
+    return TaskSpec(
+        tid, kind, node, side, batch, part, tuple((str(b), int(k)) for b, k in inputs), stage
+    )
 
 
 def task_spec_to_wire(s: TaskSpec) -> list[Any]:
@@ -63,10 +64,17 @@ class Worker:
             settings.kafka_client_config(**{"group.id": f"dstream-{app_id}-receivers"}),
             settings.max_records_per_partition,
         )
-        self.server = RpcServer(self._handle, secret=self.secret, host=settings.bind_host,
-                                port=0, max_frame=settings.max_frame_bytes, name="worker")
-        self.coordinator = RpcClient(settings.coordinator, secret=self.secret,
-                                     max_frame=settings.max_frame_bytes)
+        self.server = RpcServer(
+            self._handle,
+            secret=self.secret,
+            host=settings.bind_host,
+            port=0,
+            max_frame=settings.max_frame_bytes,
+            name="worker",
+        )
+        self.coordinator = RpcClient(
+            settings.coordinator, secret=self.secret, max_frame=settings.max_frame_bytes
+        )
         self.pool = ThreadPoolExecutor(settings.task_slots, thread_name_prefix="task")
         self.peers: dict[str, RpcClient] = {}
         self.peer_ids: list[str] = []
@@ -85,8 +93,9 @@ class Worker:
     def start(self) -> None:
         self.server.start()
         host, port = self.server.address
-        adv = self.settings.advertise_host or (host if host not in ("0.0.0.0", "") else
-                                               socket.gethostname())
+        adv = self.settings.advertise_host or (
+            host if host not in ("0.0.0.0", "") else socket.gethostname()  # noqa: S104
+        )
         self.id = f"{adv}:{port}"
         self._register()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
@@ -96,9 +105,15 @@ class Worker:
         delay = 0.05
         while not self.stopping.is_set():
             try:
-                reply = self.coordinator.call("register", {
-                    "worker": self.id, "slots": self.settings.task_slots,
-                    "blocks": self.store.ids()}, timeout=10)
+                reply = self.coordinator.call(
+                    "register",
+                    {
+                        "worker": self.id,
+                        "slots": self.settings.task_slots,
+                        "blocks": self.store.ids(),
+                    },
+                    timeout=10,
+                )
                 break
             except (ConnectionLost, RpcTimeout) as e:
                 log.debug("coordinator not reachable yet: %s", e)
@@ -111,16 +126,24 @@ class Worker:
         layout = {int(k): len(v) for k, v in reply["layout"].items()}
         if self.plan is None:
             self.plan = Plan(self.ssc.nodes, layout)
-            self.executor = Executor(self.plan, self.first, self.ssc.batch_interval_ms,
-                                     self.settings.fail_on_error)
+            self.executor = Executor(
+                self.plan, self.first, self.ssc.batch_interval_ms, self.settings.fail_on_error
+            )
 
     def _heartbeat_loop(self) -> None:
         iv = self.settings.heartbeat_interval
         while not self.stopping.wait(iv):
             try:
-                reply = self.coordinator.call("heartbeat", {
-                    "worker": self.id, "store_bytes": self.store.nbytes,
-                    "blocks": len(self.store), "received": self.receivers.received}, timeout=iv * 4)
+                reply = self.coordinator.call(
+                    "heartbeat",
+                    {
+                        "worker": self.id,
+                        "store_bytes": self.store.nbytes,
+                        "blocks": len(self.store),
+                        "received": self.receivers.received,
+                    },
+                    timeout=iv * 4,
+                )
                 metrics.BLOCK_STORE_BYTES.set(self.store.nbytes)
                 metrics.BLOCK_STORE_BLOCKS.set(len(self.store))
                 if reply == "unknown":
@@ -146,8 +169,13 @@ class Worker:
             return self.store.get_bytes(params["block"], params.get("bucket", -1))
         if method == "launch":
             spec = task_spec_from_wire(params["spec"])
-            self.pool.submit(self._run_task, spec, params["attempt"], params["locations"],
-                             params.get("time_ms", 0))
+            self.pool.submit(
+                self._run_task,
+                spec,
+                params["attempt"],
+                params["locations"],
+                params.get("time_ms", 0),
+            )
             return True
         if method == "replicate":
             self.store.put(params["block"], params["data"])
@@ -186,8 +214,9 @@ class Worker:
             if n.args["source"] == "queue":
                 self.queue_parts[node] = index
                 continue
-            parts.append(Assignment(node, index, topic, partition, start,
-                                    bool(n.args.get("with_metadata"))))
+            parts.append(
+                Assignment(node, index, topic, partition, start, bool(n.args.get("with_metadata")))
+            )
         self.receivers.assign(parts)
         self.peer_ids = [p for p in params.get("peers", []) if p != self.id]
         if "max_records" in params:
@@ -197,8 +226,10 @@ class Worker:
     def _seal(self, b: int) -> list[Any]:
         """Seal batch *b*'s blocks, replicate each to a peer, then report them."""
         reports: list[Any] = []
-        blocks = [(s.block_id, s.topic, s.partition, s.start, s.until, s.count, s.data)
-                  for s in self.receivers.seal(b)]
+        blocks = [
+            (s.block_id, s.topic, s.partition, s.start, s.until, s.count, s.data)
+            for s in self.receivers.seal(b)
+        ]
         for node, index in self.queue_parts.items():
             n = self.ssc.nodes[node]
             i = b - self.first
@@ -210,8 +241,9 @@ class Worker:
             holders = [self.id]
             for peer in self.peer_ids[:1]:
                 try:
-                    self._peer(peer).call("replicate", {"block": bid, "data": data},
-                                          timeout=FETCH_TIMEOUT_S)
+                    self._peer(peer).call(
+                        "replicate", {"block": bid, "data": data}, timeout=FETCH_TIMEOUT_S
+                    )
                     holders.append(peer)
                 except RpcError as e:
                     log.warning("replicating %s to %s failed: %s", bid, peer, e)
@@ -232,8 +264,9 @@ class Worker:
                 if addr == self.id:
                     continue
                 try:
-                    data = self._peer(addr).call("fetch", {"block": bid, "bucket": bucket},
-                                                 timeout=FETCH_TIMEOUT_S)
+                    data = self._peer(addr).call(
+                        "fetch", {"block": bid, "bucket": bucket}, timeout=FETCH_TIMEOUT_S
+                    )
                 except RemoteError:
                     continue
                 except RpcError as e:
@@ -246,8 +279,9 @@ class Worker:
 
         return fetch
 
-    def _run_task(self, spec: TaskSpec, attempt: int, locations: dict[str, list[str]],
-                  time_ms: int) -> None:
+    def _run_task(
+        self, spec: TaskSpec, attempt: int, locations: dict[str, list[str]], time_ms: int
+    ) -> None:
         assert self.executor is not None
         t0 = time.monotonic()
         slow = os.environ.get("DSTREAM_FAULT_SLOW_TASK")
@@ -265,10 +299,19 @@ class Worker:
                 self.sinks.dead_letters(res.dead_letters)
             dt = time.monotonic() - t0
             metrics.TASK_DURATION.labels(stage=spec.stage.split(":")[0]).observe(dt)
-            self.coordinator.call("task_done", {
-                "task": spec.id, "attempt": attempt, "worker": self.id, "size": size,
-                "input_records": res.input_records, "dead": len(res.dead_letters),
-                "seconds": dt}, timeout=30)
+            self.coordinator.call(
+                "task_done",
+                {
+                    "task": spec.id,
+                    "attempt": attempt,
+                    "worker": self.id,
+                    "size": size,
+                    "input_records": res.input_records,
+                    "dead": len(res.dead_letters),
+                    "seconds": dt,
+                },
+                timeout=30,
+            )
         except BlockMissing as e:
             self._report_failure(spec, attempt, str(e), e.block_id)
         except Exception as e:
@@ -280,8 +323,11 @@ class Worker:
         while True:
             if (spec.id, attempt) in self.cancelled:
                 return False
-            answer = self.coordinator.call("request_commit", {
-                "task": spec.id, "attempt": attempt, "worker": self.id}, timeout=30)
+            answer = self.coordinator.call(
+                "request_commit",
+                {"task": spec.id, "attempt": attempt, "worker": self.id},
+                timeout=30,
+            )
             if answer == "granted":
                 break
             if answer == "denied":
@@ -290,12 +336,21 @@ class Worker:
         self.sinks.commit(self.plan.by_id[spec.node], spec, time_ms, records)
         return True
 
-    def _report_failure(self, spec: TaskSpec, attempt: int, error: str,
-                        missing: str | None) -> None:
+    def _report_failure(
+        self, spec: TaskSpec, attempt: int, error: str, missing: str | None
+    ) -> None:
         try:
-            self.coordinator.call("task_failed", {
-                "task": spec.id, "attempt": attempt, "worker": self.id, "error": error,
-                "missing": missing}, timeout=30)
+            self.coordinator.call(
+                "task_failed",
+                {
+                    "task": spec.id,
+                    "attempt": attempt,
+                    "worker": self.id,
+                    "error": error,
+                    "missing": missing,
+                },
+                timeout=30,
+            )
         except RpcError as e:
             log.warning("could not report failure of %s: %s", spec.id, e)
 

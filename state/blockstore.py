@@ -26,6 +26,7 @@ class BlockStore:
 
     Args:
         limit_bytes: upper bound on held bytes (0 = unbounded).
+
     """
 
     def __init__(self, limit_bytes: int = 0) -> None:

@@ -132,13 +132,17 @@ class MemoryMetaLog(MetaLog):
 # KEYS[1] = epoch key, KEYS[2] = target key; ARGV[1] = caller epoch, then the command
 _FENCED_HSET = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) < cur then return redis.error_reply('FENCED epoch ' .. ARGV[1] .. ' < ' .. cur) end
+if tonumber(ARGV[1]) < cur then
+  return redis.error_reply('FENCED epoch ' .. ARGV[1] .. ' < ' .. cur)
+end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
 _FENCED_MAX = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) < cur then return redis.error_reply('FENCED epoch ' .. ARGV[1] .. ' < ' .. cur) end
+if tonumber(ARGV[1]) < cur then
+  return redis.error_reply('FENCED epoch ' .. ARGV[1] .. ' < ' .. cur)
+end
 local old = tonumber(redis.call('GET', KEYS[2]) or '-1')
 if tonumber(ARGV[2]) > old then redis.call('SET', KEYS[2], ARGV[2]) end
 return 1
@@ -189,8 +193,10 @@ class RedisMetaLog(MetaLog):
 
     def batches(self) -> dict[int, dict[str, OffsetRange]]:
         raw = self.r.hgetall(self.key("batches"))
-        return {int(k): {bid: tuple(v) for bid, v in unpack(data).items()}  # type: ignore[misc]
-                for k, data in raw.items()}
+        return {
+            int(k): {bid: tuple(v) for bid, v in unpack(data).items()}  # type: ignore[misc]
+            for k, data in raw.items()
+        }
 
     def mark_done(self, epoch: int, b: int) -> None:
         self._call(self._max, [self.key("epoch"), self.key("done")], [epoch, b])

@@ -3,5 +3,11 @@
 from engine._graph import TIMEOUT, DStream, StreamingContext
 from engine.errors import DStreamError, GraphError, UserFunctionError
 
-__all__ = ["TIMEOUT", "DStream", "DStreamError", "GraphError", "StreamingContext",
-           "UserFunctionError"]
+__all__ = [
+    "TIMEOUT",
+    "DStream",
+    "DStreamError",
+    "GraphError",
+    "StreamingContext",
+    "UserFunctionError",
+]

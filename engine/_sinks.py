@@ -59,7 +59,8 @@ def run_engine_sink(node: Node, batch_time_ms: int, records: list[Any]) -> bool:
 def format_pprint(batch_time_ms: int, records: list[Any], num: int) -> str:
     """Spark's pprint layout: a header with the batch time, then up to *num* records."""
     when = dt.datetime.fromtimestamp(batch_time_ms / 1000, tz=dt.UTC).strftime(
-        "%Y-%m-%d %H:%M:%S.%f")[:-3]
+        "%Y-%m-%d %H:%M:%S.%f"
+    )[:-3]
     lines = ["-" * 43, f"Time: {when}", "-" * 43]
     lines += [repr(r) for r in records[:num]]
     if len(records) > num:

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engine._plan import Plan, TaskSpec, block_batch
+from engine._plan import Plan, TaskSpec
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
 

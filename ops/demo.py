@@ -29,18 +29,42 @@ def main() -> int:
     ensure_topic(settings, inp, 3)
     ensure_topic(settings, out, 1)
     app_id = f"pageviews-demo-{int(time.time())}"
-    env = {**os.environ, "DSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-           "DSTREAM_REDIS_URL": settings.redis_url.get_secret_value(), "DSTREAM_APP_ID": app_id,
-           "DSTREAM_LOG_LEVEL": os.environ.get("DSTREAM_LOG_LEVEL", "WARNING")}
+    env = {
+        **os.environ,
+        "DSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "DSTREAM_REDIS_URL": settings.redis_url.get_secret_value(),
+        "DSTREAM_APP_ID": app_id,
+        "DSTREAM_LOG_LEVEL": os.environ.get("DSTREAM_LOG_LEVEL", "WARNING"),
+    }
     print(f"demo: app {app_id}, input topic {inp!r} (3 partitions), output topic {out!r}")
     fleet = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "run", "examples/pageviews.py", "--workers", "2",
-         "--log-level", env["DSTREAM_LOG_LEVEL"]], cwd=ROOT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "ops.cli",
+            "run",
+            "examples/pageviews.py",
+            "--workers",
+            "2",
+            "--log-level",
+            env["DSTREAM_LOG_LEVEL"],
+        ],
+        cwd=ROOT,
+        env=env,
     )
     stop = threading.Event()
-    producer = threading.Thread(target=lambda: produce_pageviews(
-        settings.kafka_bootstrap, inp, rate=1000, duration=DURATION_S, keys=20,
-        key_dist="zipf", seed=int(time.time())), daemon=True)
+    producer = threading.Thread(
+        target=lambda: produce_pageviews(
+            settings.kafka_bootstrap,
+            inp,
+            rate=1000,
+            duration=DURATION_S,
+            keys=20,
+            key_dist="zipf",
+            seed=int(time.time()),
+        ),
+        daemon=True,
+    )
     producer.start()
     try:
         _print_counts(settings.kafka_bootstrap, out, stop, time.monotonic() + DURATION_S + 3)
@@ -61,8 +85,14 @@ def main() -> int:
 def _print_counts(bootstrap: str, topic: str, stop: threading.Event, until: float) -> None:
     from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-{time.time_ns()}",
-                  "isolation.level": "read_committed", "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"demo-{time.time_ns()}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
     c.assign([TopicPartition(topic, 0, OFFSET_END)])
     counts: dict[str, int] = {}
     started = time.monotonic()
@@ -77,8 +107,11 @@ def _print_counts(bootstrap: str, topic: str, stop: threading.Event, until: floa
             counts.update(changed)
             top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
             line = "  ".join(f"{u}={n}" for u, n in top)
-            print(f"[{time.monotonic() - started:5.1f}s] {len(changed):3d} urls changed, "
-                  f"{sum(counts.values()):7d} views  |  {line}", flush=True)
+            print(
+                f"[{time.monotonic() - started:5.1f}s] {len(changed):3d} urls changed, "
+                f"{sum(counts.values()):7d} views  |  {line}",
+                flush=True,
+            )
     finally:
         c.close()
 

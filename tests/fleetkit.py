@@ -18,13 +18,19 @@ from confluent_kafka import Consumer, TopicPartition
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def read_topic(bootstrap: str, topic: str, committed: bool = True, idle_s: float = 1.5) -> list[Any]:
+def read_topic(
+    bootstrap: str, topic: str, committed: bool = True, idle_s: float = 1.5
+) -> list[Any]:
     """Every message of *topic* (read_committed by default), in partition/offset order."""
-    c = Consumer({
-        "bootstrap.servers": bootstrap, "group.id": f"reader-{time.monotonic_ns()}",
-        "enable.auto.commit": False, "enable.partition.eof": False,
-        "isolation.level": "read_committed" if committed else "read_uncommitted",
-    })
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+            "isolation.level": "read_committed" if committed else "read_uncommitted",
+        }
+    )
     try:
         md = c.list_topics(topic, timeout=10)
         parts = md.topics[topic].partitions
@@ -50,6 +56,7 @@ def read_topic(bootstrap: str, topic: str, committed: bool = True, idle_s: float
 
 def last_values(messages: list[Any]) -> dict[Any, Any]:
     """Last JSON value per JSON key, in batch order (header ``dstream-batch``)."""
+
     def batch(m: Any) -> int:
         return int(dict(m.headers() or [])["dstream-batch"])
 
@@ -84,15 +91,20 @@ class Fleet:
 
 
 @contextmanager
-def run_fleet(app: str, *, workers: int, env: dict[str, str], tmp: Path,
-              args: tuple[str, ...] = ()) -> Iterator[Fleet]:
+def run_fleet(
+    app: str, *, workers: int, env: dict[str, str], tmp: Path, args: tuple[str, ...] = ()
+) -> Iterator[Fleet]:
     """`dstream run APP --workers N` in its own process group; always stopped after."""
     log_path = tmp / f"fleet-{time.monotonic_ns()}.log"
     full_env = {**os.environ, **env}
     with log_path.open("w") as logf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ops.cli", "run", app, "--workers", str(workers), *args],
-            cwd=ROOT, env=full_env, stdout=logf, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT,
+            env=full_env,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
         fleet = Fleet(proc, log_path)

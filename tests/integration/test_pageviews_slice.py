@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import subprocess
 from pathlib import Path
@@ -20,8 +21,11 @@ N = 6000
 
 def _env(kafka_bootstrap: str, redis_url: str, app_id: str, inp: str, out: str) -> dict[str, str]:
     return {
-        "DSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap, "DSTREAM_REDIS_URL": redis_url,
-        "DSTREAM_APP_ID": app_id, "PAGEVIEWS_TOPIC": inp, "PAGEVIEWS_OUTPUT": out,
+        "DSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "DSTREAM_REDIS_URL": redis_url,
+        "DSTREAM_APP_ID": app_id,
+        "PAGEVIEWS_TOPIC": inp,
+        "PAGEVIEWS_OUTPUT": out,
         "DSTREAM_BATCH_INTERVAL": "0.5",
     }
 
@@ -36,16 +40,26 @@ def test_pageview_counts_exact_and_offsets_contiguous(
     assert len(views) == N
     expected = collections.Counter(json.loads(m.value())["url"] for m in views)
 
-    with run_fleet("examples/pageviews.py", workers=workers, tmp=tmp_path,
-                   env=_env(kafka_bootstrap, redis_url, app_id, inp, out)) as fleet:
-        wait_for(lambda: last_values(read_topic(kafka_bootstrap, out, idle_s=0.5)) == expected,
-                 90, "the running counts to equal the input")
+    with run_fleet(
+        "examples/pageviews.py",
+        workers=workers,
+        tmp=tmp_path,
+        env=_env(kafka_bootstrap, redis_url, app_id, inp, out),
+    ) as fleet:
+        wait_for(
+            lambda: last_values(read_topic(kafka_bootstrap, out, idle_s=0.5)) == expected,
+            90,
+            "the running counts to equal the input",
+        )
         # more input while running: still exact
         produce_pageviews(kafka_bootstrap, inp, rate=0, count=1000, keys=50, seed=8)
         more = read_topic(kafka_bootstrap, inp)
         expected = collections.Counter(json.loads(m.value())["url"] for m in more)
-        wait_for(lambda: last_values(read_topic(kafka_bootstrap, out, idle_s=0.5)) == expected,
-                 90, "the running counts to include the second burst")
+        wait_for(
+            lambda: last_values(read_topic(kafka_bootstrap, out, idle_s=0.5)) == expected,
+            90,
+            "the running counts to include the second burst",
+        )
         code = fleet.interrupt()
         log = fleet.log
     assert code == 0, log
@@ -64,7 +78,7 @@ def test_pageview_counts_exact_and_offsets_contiguous(
         for part in range(3):
             rows = sorted(per_tp[(inp, part)])
             assert rows[0][1] == 0, "the first batch starts at the earliest offset"
-            for (b1, _lo1, until1, _), (b2, lo2, _u2, _) in zip(rows, rows[1:], strict=False):
+            for (b1, _lo1, until1, _), (b2, lo2, _u2, _) in itertools.pairwise(rows):
                 assert b2 == b1 + 1, "one range per batch per partition"
                 assert lo2 == until1, f"gap or overlap between batch {b1} and {b2}"
             _low, high = c.get_watermark_offsets(TopicPartition(inp, part), timeout=10)
@@ -78,7 +92,9 @@ def test_pageview_counts_exact_and_offsets_contiguous(
 def test_run_rejects_a_missing_app_file(tmp_path: Path) -> None:
     res = subprocess.run(
         [".venv/bin/dstream", "run", str(tmp_path / "nope.py"), "--workers", "1"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
         cwd=Path(__file__).resolve().parents[2],
     )
     assert res.returncode != 0

@@ -103,7 +103,7 @@ def _print_counts(bootstrap: str, topic: str, stop: threading.Event, until: floa
                 continue
             changed = {}
             for m in msgs:
-                changed[json.loads(m.key())] = json.loads(m.value())
+                changed[json.loads(m.key() or b"null")] = json.loads(m.value() or b"null")
             counts.update(changed)
             top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
             line = "  ".join(f"{u}={n}" for u, n in top)

@@ -30,6 +30,7 @@ from engine._scheduler import (
 from engine.errors import DStreamError, RpcError
 from ops import metrics
 from ops.config import Settings
+from ops.http import HttpEndpoints
 from ops.rpc import RpcClient, RpcServer
 from ops.services import build_context, redis_client, source_layout, topic_partitions
 from ops.worker import task_spec_to_wire
@@ -171,6 +172,13 @@ class Coordinator:
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         self.server.start()
+        self.http = HttpEndpoints(
+            self.settings.bind_host,
+            self.settings.http_port,
+            live=lambda: not self.stopping.is_set(),
+            ready=lambda: bool(self.assignment) or not self.positions,
+            status=self.status,
+        ).start()
         log.info(
             "coordinator up on %s:%d (app %s, epoch %d, resuming at batch %d)",
             *self.server.address,
@@ -191,6 +199,8 @@ class Coordinator:
             w.client.close()
         self.io.shutdown(wait=False, cancel_futures=True)
         self.server.stop()
+        if getattr(self, "http", None) is not None:
+            self.http.stop()
 
     # -- membership ------------------------------------------------------------------------
     def _handle(self, method: str, params: Any, peer: Any) -> Any:
@@ -503,6 +513,7 @@ class Coordinator:
                     for (n, i), o in sorted(self.assignment.items())
                 ],
                 "stats": vars(self.scheduler.stats),
+                "http_port": self.http.port if getattr(self, "http", None) else None,
             }
 
 

@@ -142,7 +142,10 @@ class FleetSinks(SinkEnv):
                 self.skipped_batches += 1
                 return  # this batch (or a later one) is already in Kafka
             producer.begin_transaction()
-            headers = [("dstream-batch", str(batch_ms).encode())]
+            headers = [
+                ("dstream-batch", str(batch_ms).encode()),
+                ("dstream-batch-seq", str(spec.batch).encode()),
+            ]
             fmt = node.args["format"]
             for r in records:
                 k, v = encode_output(r, fmt)

@@ -25,6 +25,7 @@ from engine.errors import DStreamError, RpcError
 from ingest.receiver import Assignment, Receivers
 from ops import metrics
 from ops.config import Settings
+from ops.http import HttpEndpoints
 from ops.rpc import ConnectionLost, RemoteError, RpcClient, RpcServer, RpcTimeout
 from ops.services import build_context
 from ops.sinks import FleetSinks
@@ -97,6 +98,12 @@ class Worker:
             host if host not in ("0.0.0.0", "") else socket.gethostname()  # noqa: S104
         )
         self.id = f"{adv}:{port}"
+        self.http = HttpEndpoints(
+            self.settings.bind_host,
+            self.settings.http_port if self.settings.http_port else 0,
+            live=lambda: not self.stopping.is_set() and not self.receivers.errors,
+            ready=lambda: self.plan is not None,
+        ).start()
         self._register()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         log.info("worker %s up (app %s, %d slots)", self.id, self.app_id, self.settings.task_slots)
@@ -156,6 +163,8 @@ class Worker:
             return
         self.stopping.set()
         self.receivers.stop()
+        if getattr(self, "http", None) is not None:
+            self.http.stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.server.stop()
         self.coordinator.close()

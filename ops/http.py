@@ -1,0 +1,108 @@
+"""Health, metrics and status over HTTP, on every process.
+
+* ``/metrics``: Prometheus exposition (prometheus-client's default registry);
+* ``/livez``: 200 while the process runs its loops;
+* ``/readyz``: 200 once the process can do its job (a worker registered with the
+  coordinator; the coordinator assigned partitions), else 503;
+* ``/api/status``: the coordinator's status as JSON (batches, workers, receivers);
+* ``/``: the coordinator's live status page (``ops/static/status.html``).
+
+A small threaded ``http.server``: these endpoints are read a few times a second at most.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("dstream.http")
+_STATIC = Path(__file__).resolve().parent / "static"
+
+
+class HttpEndpoints:
+    """Serves the endpoints above on ``host:port`` (port 0 picks a free one).
+
+    Args:
+        live: returns True while the process is healthy.
+        ready: returns True once the process can serve.
+        status: returns the status dict (coordinator only; None elsewhere).
+
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        live: Callable[[], bool],
+        ready: Callable[[], bool],
+        status: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        endpoints = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug(fmt, *args)
+
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                try:
+                    endpoints._route(self, path)
+                except BrokenPipeError:
+                    pass
+                except Exception as e:
+                    log.warning("http %s failed: %s", path, e)
+                    self.send_error(500, "internal error")
+
+        self._live, self._ready, self._status = live, ready, status
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> HttpEndpoints:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _route(self, h: BaseHTTPRequestHandler, path: str) -> None:
+        if path == "/metrics":
+            self._send(h, 200, generate_latest(), CONTENT_TYPE_LATEST)
+        elif path == "/livez":
+            ok = self._live()
+            self._send(h, 200 if ok else 503, b"ok\n" if ok else b"not live\n")
+        elif path == "/readyz":
+            ok = self._ready()
+            self._send(h, 200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+        elif path == "/api/status" and self._status is not None:
+            body = json.dumps(self._status(), default=str).encode()
+            self._send(h, 200, body, "application/json")
+        elif path in ("/", "/index.html") and self._status is not None:
+            page = _STATIC / "status.html"
+            self._send(h, 200, page.read_bytes(), "text/html; charset=utf-8")
+        else:
+            self._send(h, 404, b"not found\n")
+
+    @staticmethod
+    def _send(
+        h: BaseHTTPRequestHandler, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8"
+    ) -> None:
+        h.send_response(code)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(body)))
+        h.send_header("Cache-Control", "no-store")
+        h.end_headers()
+        h.wfile.write(body)

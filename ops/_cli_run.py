@@ -144,23 +144,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     base = [sys.executable, "-m", "ops.cli"]
     common = ["--app", args.app, "--log-level", args.log_level]
     procs: list[subprocess.Popen[bytes]] = []
+    http_port = int(env.get("DSTREAM_HTTP_PORT") or 0) or free_port()
+    coord_env = {**env, "DSTREAM_HTTP_PORT": str(http_port)}
+    worker_env = {**env, "DSTREAM_HTTP_PORT": "0"}
     try:
-        procs.append(
-            subprocess.Popen(
-                [*base, "coordinator", *common, "--expect-workers", str(args.workers)],
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-        )
+        coord = [*base, "coordinator", *common, "--expect-workers", str(args.workers)]
+        procs.append(subprocess.Popen(coord, env=coord_env, preexec_fn=_die_with_parent))
         for _ in range(args.workers):
-            procs.append(
-                subprocess.Popen([*base, "worker", *common], env=env, preexec_fn=_die_with_parent)
-            )
+            worker = [*base, "worker", *common]
+            procs.append(subprocess.Popen(worker, env=worker_env, preexec_fn=_die_with_parent))
         log.info(
-            "fleet of app %s: coordinator %s and %d workers",
+            "fleet of app %s: coordinator %s and %d workers; status page http://127.0.0.1:%d/",
             app_id,
             env["DSTREAM_COORDINATOR"],
             args.workers,
+            http_port,
         )
         while True:
             for p in procs:

@@ -474,8 +474,15 @@ class Executor:
                 fold(key, v, fn)
         filt = n.args.get("filter_fn")
         items = list(acc.items())
-        if filt is not None:
-            items = [kv for kv in items if filt(kv)]
+        if filt is not None:  # a user function too: a raising call drops the key
+            kept: list[Any] = []
+            for kv in items:
+                try:
+                    if filt(kv):
+                        kept.append(kv)
+                except Exception as e:
+                    ctx.dead_letter(n.name, e, kv)
+            items = kept
         _ = w
         return items
 

@@ -160,6 +160,32 @@ def test_raising_state_function_keeps_the_other_keys() -> None:
     assert d.operator == "state#1"
 
 
+def test_raising_window_filter_drops_the_key() -> None:
+    sinks = LocalSinks()
+
+    def keep(kv: tuple[str, int]) -> bool:
+        if kv[0] == "bad":
+            raise ValueError("bad key")
+        return kv[1] != 0
+
+    got = run_pipeline(
+        [[("a", 1), ("bad", 2)], [("a", 2)]],
+        lambda s: s.reduce_by_key_and_window(operator.add, operator.sub, 2, 1, filter_fn=keep),
+        sinks=sinks,
+    )
+    assert_batches_equal(got, [[("a", 1)], [("a", 3)]])
+    (d,) = sinks.dead
+    assert d.operator == "window_reduce#1"
+    assert d.error == "ValueError: bad key"
+    assert json.loads(d.value) == ["bad", 2]
+    with pytest.raises(UserFunctionError, match=r"window_reduce#1.*\('bad', 2\)"):
+        run_pipeline(
+            [[("bad", 2)]],
+            lambda s: s.reduce_by_key_and_window(operator.add, None, 1, filter_fn=keep),
+            fail_on_error=True,
+        )
+
+
 @pytest.mark.parametrize("num_partitions", [1, 2])
 def test_fail_on_error_raises_user_function_error(num_partitions: int) -> None:
     with pytest.raises(UserFunctionError) as ei:

@@ -20,13 +20,6 @@ from engine.testing import assert_batches_equal, run_pipeline, run_reference
 
 PARTITIONS = (1, 2, 3)
 
-#: engine/_scheduler.py: a batch that plans no task (batch 0 of a graph where every
-#: operator has a slide of 2+ batches) is never completed (only task_finished completes a
-#: batch), so LocalRunner stops with "batch 0 cannot progress". Strict: fails once fixed.
-EMPTY_BATCH_BUG = pytest.mark.xfail(
-    strict=True, reason="scheduler never completes a batch without tasks"
-)
-
 
 def _test_func(
     batches: Sequence[Sequence[Any]],
@@ -332,7 +325,6 @@ def test_window() -> None:
     )
 
 
-@EMPTY_BATCH_BUG
 def test_window_with_slide() -> None:
     # window 4 batches, slide 2: emits at batches 1, 3, 5
     _test_func(
@@ -361,7 +353,6 @@ def test_window_sub_second_interval() -> None:
     )
 
 
-@EMPTY_BATCH_BUG
 def test_window_then_keyed() -> None:
     _test_func(
         [[("a", 1)], [("a", 2), ("b", 1)], [("b", 1)], []],
@@ -563,7 +554,6 @@ def test_running_reduce_snapshot() -> None:
     )
 
 
-@EMPTY_BATCH_BUG
 def test_running_reduce_over_window() -> None:
     # a stateful stream over a windowed one advances once per slide
     _test_func(

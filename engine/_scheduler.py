@@ -13,9 +13,11 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engine._plan import Plan, TaskSpec
+from engine._plan import Plan, TaskSpec, block_batch
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
+#: Pseudo-holder of state blocks that can be loaded from the checkpoint store.
+CHECKPOINT = "@checkpoint"
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,14 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._reading: set[str] = set()
         self._empty: list[int] = []
+        #: tasks re-planned to rebuild blocks of batches no longer in ``batches``
+        self.lineage: dict[str, _Task] = {}
+        #: last complete checkpoint batch per (node, partition)
+        self.checkpoints: dict[tuple[int, int], int] = {}
+        self._plans: dict[int, dict[str, TaskSpec]] = {}
+        #: worker that last committed each output partition: its transactional producer is
+        #: warm, and moving the partition would fence it (a Kafka round of init)
+        self.output_owner: dict[tuple[int, int], str] = {}
 
     # -- membership ------------------------------------------------------------------------
     def add_worker(self, worker: str, slots: int) -> None:
@@ -143,7 +153,7 @@ class Scheduler:
         self.busy.pop(worker, None)
         for holders in self.locations.values():
             holders.discard(worker)
-        for t in self.tasks.values():
+        for t in [*self.tasks.values(), *self.lineage.values()]:
             lost = [a for a, (w, _) in t.attempts.items() if w == worker]
             for a in lost:
                 del t.attempts[a]
@@ -166,12 +176,34 @@ class Scheduler:
             if size:
                 self.sizes[block_id] = size
 
+    def read_failed(self, block_id: str) -> None:
+        """Re-reading an input block failed: ask again at the next tick."""
+        self._reading.discard(block_id)
+
     def block_lost(self, block_id: str, worker: str) -> None:
         """A fetch found *block_id* missing on *worker*."""
         self.locations.get(block_id, set()).discard(worker)
 
     def holders(self, block_id: str) -> set[str]:
-        return self.locations.get(block_id, set())
+        """Workers holding the block (plus :data:`CHECKPOINT` for a checkpointed state)."""
+        held = self.locations.get(block_id, set())
+        if self._checkpointed(block_id):
+            return held | {CHECKPOINT}
+        return held
+
+    def _checkpointed(self, block_id: str) -> bool:
+        if not block_id.startswith("rd/"):
+            return False
+        _, node, b, p = block_id.split("/")
+        return self.checkpoints.get((int(node), int(p))) == int(b)
+
+    def _available(self, block_id: str) -> bool:
+        return bool(self.locations.get(block_id)) or self._checkpointed(block_id)
+
+    def set_checkpoint(self, node: int, part: int, batch: int) -> None:
+        """State of (node, part) at *batch* is in the checkpoint store (lineage stops there)."""
+        if batch > self.checkpoints.get((node, part), -1):
+            self.checkpoints[(node, part)] = batch
 
     # -- batches ---------------------------------------------------------------------------
     def add_batch(self, b: int, now: float) -> list[TaskSpec]:
@@ -223,7 +255,7 @@ class Scheduler:
         self, task_id: str, attempt: int, worker: str, now: float, size: int = 0
     ) -> list[Instruction]:
         """An attempt finished (output tasks: after committing). First one wins."""
-        t = self.tasks.get(task_id)
+        t = self.tasks.get(task_id) or self.lineage.get(task_id)
         out: list[Instruction] = []
         if t is None or t.status == DONE or attempt not in t.attempts:
             return out
@@ -241,6 +273,8 @@ class Scheduler:
         t.attempts.clear()
         if t.spec.kind != "output":
             self.block_added(task_id, worker, size)
+        else:
+            self.output_owner[(t.spec.node, t.spec.part)] = worker
         batch = self.batches.get(t.spec.batch)
         if batch is not None:
             batch.outputs_left.discard(task_id)
@@ -254,7 +288,7 @@ class Scheduler:
         self, task_id: str, attempt: int, worker: str, missing: str | None = None
     ) -> None:
         """An attempt failed; with *missing*, because that input block was gone."""
-        t = self.tasks.get(task_id)
+        t = self.tasks.get(task_id) or self.lineage.get(task_id)
         if missing:
             self.block_lost(missing, worker)
         if t is None or attempt not in t.attempts:
@@ -270,13 +304,16 @@ class Scheduler:
     def _complete(self, b: int) -> list[Instruction]:
         self.completed.append(b)
         out: list[Instruction] = [BatchCompleted(b)]
-        done_upto = self._done_upto()
+        done_upto = self.done_upto()
         # forget finished batches and free what no later batch reads
         for ob in sorted(self.batches):
             if ob > done_upto:
                 break
             for x in self.batches.pop(ob).tasks:
                 self.tasks.pop(x, None)
+        for tid in [x for x, t in self.lineage.items() if t.status == DONE]:
+            if self.plan.freeable(tid, done_upto):
+                del self.lineage[tid]
         per_worker: dict[str, list[str]] = {}
         for bid in list(self.locations):
             if self.plan.freeable(bid, done_upto):
@@ -287,7 +324,7 @@ class Scheduler:
             out.append(FreeBlocks(w, tuple(sorted(ids))))
         return out
 
-    def _done_upto(self) -> int:
+    def done_upto(self) -> int:
         """Every batch up to this one is complete (batches complete out of order)."""
         pending = [
             b
@@ -301,7 +338,7 @@ class Scheduler:
 
     # -- launching -------------------------------------------------------------------------
     def _missing_inputs(self, t: _Task) -> list[str]:
-        return [bid for bid, _ in t.spec.inputs if not self.locations.get(bid)]
+        return [bid for bid, _ in t.spec.inputs if not self._available(bid)]
 
     def tick(self, now: float) -> list[Instruction]:
         """Launch ready tasks into free slots (locality first), then speculative copies."""
@@ -311,22 +348,26 @@ class Scheduler:
         free = {w: self.slots[w] - self.busy.get(w, 0) for w in self.slots}
         if not any(v > 0 for v in free.values()):
             return out
-        for b in sorted(self.batches):
-            for tid in self.batches[b].tasks:
-                t = self.tasks.get(tid)
-                if t is None or t.status != PENDING:
-                    continue
-                if t.spec.kind == "output" and self._earlier_output_pending(t.spec):
-                    continue
-                missing = self._missing_inputs(t)
-                if missing:
-                    out.extend(self._recompute(missing))
-                    continue
-                w = self._pick_worker(t.spec, free)
-                if w is None:
-                    return out
-                out.append(self._launch(t, w, now, speculative=False))
-                free[w] -= 1
+        lineage = sorted(self.lineage.values(), key=lambda t: t.spec.batch)
+        queue = [(t.spec.id, t) for t in lineage] + [
+            (tid, self.tasks.get(tid))
+            for b in sorted(self.batches)
+            for tid in self.batches[b].tasks
+        ]
+        for _tid, t in queue:
+            if t is None or t.status != PENDING:
+                continue
+            if t.spec.kind == "output" and self._earlier_output_pending(t.spec):
+                continue
+            missing = self._missing_inputs(t)
+            if missing:
+                out.extend(self._recompute(missing))
+                continue
+            w = self._pick_worker(t.spec, free)
+            if w is None:
+                return out
+            out.append(self._launch(t, w, now, speculative=False))
+            free[w] -= 1
         if self.speculation:
             out.extend(self._speculate(now, free))
         return out
@@ -355,6 +396,8 @@ class Scheduler:
             score = sum(
                 self.sizes.get(bid, 1) for bid, _ in spec.inputs if w in self.locations.get(bid, ())
             )
+            if spec.kind == "output" and self.output_owner.get((spec.node, spec.part)) == w:
+                score += 1 << 40
             if score > best_score or (
                 score == best_score and best is not None and free[w] > free[best]
             ):
@@ -362,21 +405,54 @@ class Scheduler:
         return best
 
     def _recompute(self, missing: list[str]) -> list[Instruction]:
-        """Lineage: re-run the finished tasks whose blocks are needed but lost.
+        """Lineage: make every missing block on the way to *missing* be rebuilt.
 
-        A lost input block has no task: the shell re-reads it from Kafka by its logged
-        offset range (asked once per loss, with :class:`ReadInput`).
+        A block is rebuilt by re-running the task that produced it (re-planned if its
+        batch is already forgotten), whose own missing inputs are rebuilt in turn. The
+        walk stops at blocks some worker holds, at checkpointed state, and at input blocks,
+        which the shell re-reads from Kafka by their logged offset range (:class:`ReadInput`,
+        asked once per loss). Independent tasks of the rebuilt lineage (other partitions,
+        map sides of other batches) become ready together and run in parallel.
         """
         out: list[Instruction] = []
+        seen: set[str] = set()
         for bid in missing:
-            t = self.tasks.get(bid)
-            if t is not None and t.status == DONE:
-                t.status = PENDING
-                self.stats.recomputed += 1
-            elif bid.startswith("in/") and bid not in self._reading:
-                self._reading.add(bid)
-                out.append(ReadInput(bid))
+            self._ensure(bid, out, seen)
         return out
+
+    def _ensure(self, bid: str, out: list[Instruction], seen: set[str]) -> None:
+        if bid in seen or self._available(bid):
+            return
+        seen.add(bid)
+        t = self.tasks.get(bid) or self.lineage.get(bid)
+        if t is None:
+            if bid.startswith("in/"):
+                if bid not in self._reading:
+                    self._reading.add(bid)
+                    out.append(ReadInput(bid))
+                return
+            spec = self._spec_for(bid)
+            if spec is None:
+                return
+            t = _Task(spec)
+            self.lineage[bid] = t
+            self.stats.recomputed += 1
+        elif t.status == DONE:
+            t.status = PENDING
+            self.stats.recomputed += 1
+        if t.status == PENDING:
+            for ibid, _ in t.spec.inputs:
+                self._ensure(ibid, out, seen)
+
+    def _spec_for(self, bid: str) -> TaskSpec | None:
+        b = block_batch(bid)
+        specs = self._plans.get(b)
+        if specs is None:
+            specs = {s.id: s for s in self.plan.tasks_for_batch(b, self.first)}
+            self._plans[b] = specs
+            while len(self._plans) > 64:
+                self._plans.pop(min(self._plans))
+        return specs.get(bid)
 
     def _speculate(self, now: float, free: dict[str, int]) -> list[Instruction]:
         out: list[Instruction] = []

@@ -34,6 +34,7 @@ from ops.http import HttpEndpoints
 from ops.rpc import RpcClient, RpcServer
 from ops.services import build_context, redis_client, source_layout, topic_partitions
 from ops.worker import task_spec_to_wire
+from state.checkpoint import RedisCheckpointStore
 from state.metalog import MetaLog, OffsetRange, RedisMetaLog
 
 log = logging.getLogger("dstream.coordinator")
@@ -41,6 +42,8 @@ log = logging.getLogger("dstream.coordinator")
 #: Seal calls wait this long for a worker; a worker slower than that is treated as lost
 #: for this batch (its partitions' records simply land in its next block).
 SEAL_TIMEOUT_S = 10.0
+#: Pseudo block id under which a batch's wall-clock time is logged with its ranges.
+TIME_KEY = "@time"
 
 
 @dataclass
@@ -108,6 +111,20 @@ class Coordinator:
             quantile=settings.speculation_quantile,
         )
         self.positions = self._initial_positions(logged)
+        #: offset ranges of batches whose input may still be re-read (lineage)
+        self.ranges: dict[int, dict[str, OffsetRange]] = {
+            b: {k: v for k, v in r.items() if k != TIME_KEY} for b, r in logged.items()
+        }
+        self.times: dict[int, int] = {b: r[TIME_KEY][2] for b, r in logged.items() if TIME_KEY in r}
+        self.done = done
+        #: batches logged by an earlier coordinator but not complete: run again
+        self.replay = sorted(b for b in logged if done is None or b > done)
+        for (node, part), b in self.metalog.checkpoints().items():
+            self.scheduler.set_checkpoint(node, part, b)
+        self.pending_ckpts: list[tuple[int, int, int]] = []
+        self.checkpoint_store = RedisCheckpointStore(redis_client(settings), app_id)
+        self.max_keep = max(self.plan.keep.values(), default=0)
+        self._next_reader = 0
         self.workers: dict[str, WorkerInfo] = {}
         self.assignment: dict[tuple[int, int], str] = {}
         self.batches: dict[int, BatchInfo] = {}
@@ -139,6 +156,8 @@ class Coordinator:
         pos: dict[tuple[int, int], int] = {}
         for b in sorted(logged):
             for bid, (_t, _p, _lo, until, _n) in logged[b].items():
+                if bid == TIME_KEY:
+                    continue
                 _, node, _, idx = bid.split("/")
                 pos[(int(node), int(idx))] = until
         need = [
@@ -237,6 +256,8 @@ class Coordinator:
                 return self.scheduler.request_commit(params["task"], params["attempt"])
         if method == "status":
             return self.status()
+        if method == "checkpointed":
+            return self._checkpointed(params)
         msg = f"unknown method {method}"
         raise DStreamError(msg)
 
@@ -329,6 +350,7 @@ class Coordinator:
             time.sleep(0.05)
         with self.lock:
             self._assign_partitions()
+            self._replay_logged()
         start = time.time()
         k = 0
         while not self.stopping.is_set():
@@ -341,6 +363,23 @@ class Coordinator:
                 self._seal_batch(int(wake * 1000))
             except Exception:
                 log.exception("sealing a batch failed")
+
+    def _replay_logged(self) -> None:
+        """Batches an earlier coordinator logged but did not finish: run them again.
+
+        Their inputs are re-read from Kafka by the logged offset ranges, their state rebuilt
+        from the last checkpoints; sinks skip what was already committed.
+        """
+        for b in self.replay:
+            if b < self.next_batch:
+                now = time.monotonic()
+                info = BatchInfo(b, self.times.get(b, 0), now, ranges=self.ranges.get(b, {}))
+                info.records = sum(r[4] for r in info.ranges.values())
+                self.batches[b] = info
+                self.scheduler.add_batch(b, now)
+        if self.replay:
+            log.info("replaying batches %d..%d of an earlier run", self.replay[0], self.replay[-1])
+        self._dispatch()
 
     def _seal_batch(self, time_ms: int) -> None:
         with self.lock:
@@ -361,8 +400,20 @@ class Coordinator:
         for bid, topic, part, lo, until, count, _size, _holders in reports:
             info.ranges[bid] = (topic, part, lo, until, count)
             info.records += count
+        with self.lock:
+            # a partition no worker reported (its owner died or was moved) gets an empty
+            # range: its records go to the next block of its next owner
+            for (node, idx), pos in self.positions.items():
+                bid = f"in/{node}/{b}/{idx}"
+                if bid not in info.ranges:
+                    topic, part = self.layout[node][idx]
+                    info.ranges[bid] = (topic, part, pos, pos, 0)
+            self.ranges[b] = info.ranges
+            self.times[b] = time_ms
         # the offset ranges are durable before anything is scheduled
-        self.metalog.log_batch(self.epoch, b, info.ranges)
+        self.metalog.log_batch(
+            self.epoch, b, {**info.ranges, TIME_KEY: ("", 0, time_ms, time_ms, 0)}
+        )
         with self.lock:
             for bid, _t, _p, _lo, until, _c, size, holders in reports:
                 _, node, _, idx = bid.split("/")
@@ -403,7 +454,38 @@ class Coordinator:
             elif isinstance(ins, BatchCompleted):
                 self._batch_completed(ins.batch)
             elif isinstance(ins, ReadInput):
-                log.warning("input block %s lost on every holder", ins.block_id)
+                self._read_input(ins.block_id)
+
+    def _read_input(self, bid: str) -> None:
+        """Have a live worker rebuild input block *bid* from its logged offset range."""
+        b = int(bid.split("/")[2])
+        rng = self.ranges.get(b, {}).get(bid)
+        workers = sorted(self.workers)
+        if rng is None or not workers:
+            log.error(
+                "cannot rebuild %s: %s",
+                bid,
+                "no offset range logged" if rng is None else "no live worker",
+            )
+            return
+        w = self.workers[workers[self._next_reader % len(workers)]]
+        self._next_reader += 1
+        topic, part, lo, until, _n = rng
+        params = {"block": bid, "topic": topic, "partition": part, "from": lo, "until": until}
+        self.io.submit(self._send_read_input, w, bid, params)
+
+    def _send_read_input(self, w: WorkerInfo, bid: str, params: Any) -> None:
+        try:
+            size = w.client.call("read_input", params, timeout=120)
+        except RpcError as e:
+            log.warning("re-reading %s on %s failed: %s", bid, w.id, e)
+            size = None
+        with self.lock:
+            if size is None:
+                self.scheduler.read_failed(bid)
+            else:
+                self.scheduler.block_added(bid, w.id, size)
+            self._dispatch()
 
     def _launch(self, ins: LaunchTask) -> None:
         spec = ins.spec
@@ -421,7 +503,7 @@ class Coordinator:
             "spec": task_spec_to_wire(spec),
             "attempt": ins.attempt,
             "locations": locations,
-            "time_ms": info.time_ms if info else 0,
+            "time_ms": info.time_ms if info else self.times.get(spec.batch, 0),
         }
         self.io.submit(self._send_launch, w, spec.id, ins.attempt, params)
 
@@ -458,16 +540,37 @@ class Coordinator:
             del self.history[:-200]
         metrics.BATCHES_COMPLETED.inc()
         metrics.BATCHES_PENDING.set(len(self.scheduler.batches))
-        pending = [x for x in self.scheduler.batches if x < b]
-        if not pending:
-            self.io.submit(self._mark_done, b)
+        done = self.scheduler.done_upto()
+        if self.done is None or done > self.done:
+            self.done = done
+            ready = [c for c in self.pending_ckpts if c[2] <= done]
+            self.pending_ckpts = [c for c in self.pending_ckpts if c[2] > done]
+            for node, part, cb in ready:
+                self.scheduler.set_checkpoint(node, part, cb)
+            oldest = min(self.scheduler.checkpoints.values(), default=done)
+            # ranges are kept a while past what lineage needs (audits, tests: 1000 batches)
+            keep_from = min(oldest, done) - self.max_keep - 1000
+            for x in [x for x in self.ranges if x < keep_from]:
+                del self.ranges[x]
+                self.times.pop(x, None)
+            self.io.submit(self._mark_done, done, ready, keep_from)
 
-    def _mark_done(self, b: int) -> None:
+    def _mark_done(self, b: int, ckpts: list[tuple[int, int, int]], keep_from: int) -> None:
+        """Persist progress: batches done, checkpoints in force, lineage still needed."""
         try:
+            for node, part, cb in ckpts:
+                self.metalog.set_checkpoint(node, part, cb)
+                self.checkpoint_store.delete_before(node, part, cb)
             self.metalog.mark_done(self.epoch, b)
-            self.metalog.forget_before(b - 1000)
+            self.metalog.forget_before(keep_from)
         except Exception as e:
             log.warning("marking batch %d done failed: %s", b, e)
+
+    def _checkpointed(self, p: dict[str, Any]) -> bool:
+        """A worker wrote a checkpoint; it takes effect once its batch is done."""
+        with self.lock:
+            self.pending_ckpts.append((p["node"], p["part"], p["batch"]))
+        return True
 
     # -- status ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -18,18 +18,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine._codec import encode_input_block
+from engine._codec import encode_input_block, pack, unpack
 from engine._exec import BlockMissing, Executor, StateBlock
 from engine._plan import Plan, TaskSpec, block_node
-from engine.errors import DStreamError, RpcError
+from engine._scheduler import CHECKPOINT
+from engine.errors import DStreamError, FencedError, RpcError
 from ingest.receiver import Assignment, Receivers
 from ops import metrics
 from ops.config import Settings
 from ops.http import HttpEndpoints
 from ops.rpc import ConnectionLost, RemoteError, RpcClient, RpcServer, RpcTimeout
-from ops.services import build_context
+from ops.services import build_context, redis_client
 from ops.sinks import FleetSinks
 from state.blockstore import BlockStore
+from state.checkpoint import RedisCheckpointStore
 
 log = logging.getLogger("dstream.worker")
 
@@ -89,6 +91,11 @@ class Worker:
         self.sinks = FleetSinks(settings, app_id, epoch_fn=lambda: self.epoch)
         self._lock = threading.Lock()
         self.cancelled: set[tuple[str, int]] = set()
+        self.checkpoints = RedisCheckpointStore(redis_client(settings), app_id)
+        #: one thread: checkpoints are written in order, off the task path
+        self.ckpt_pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.stateful: set[int] = set()
+        self.reader: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,6 +140,7 @@ class Worker:
         layout = {int(k): len(v) for k, v in reply["layout"].items()}
         if self.plan is None:
             self.plan = Plan(self.ssc.nodes, layout)
+            self.stateful = {n.id for n in self.plan.stateful_nodes()}
             self.executor = Executor(
                 self.plan, self.first, self.ssc.batch_interval_ms, self.settings.fail_on_error
             )
@@ -166,6 +174,7 @@ class Worker:
         if getattr(self, "http", None) is not None:
             self.http.stop()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.ckpt_pool.shutdown(wait=True)
         self.server.stop()
         self.coordinator.close()
         for c in self.peers.values():
@@ -191,6 +200,8 @@ class Worker:
             return True
         if method == "seal":
             return self._seal(params["batch"])
+        if method == "read_input":
+            return self._read_input(params)
         if method == "assign":
             return self._assign(params)
         if method == "free":
@@ -240,11 +251,8 @@ class Worker:
             for s in self.receivers.seal(b)
         ]
         for node, index in self.queue_parts.items():
-            n = self.ssc.nodes[node]
-            i = b - self.first
-            values = n.args["batches"][i] if 0 <= i < len(n.args["batches"]) else n.args["default"]
-            data = encode_input_block("", 0, b, b + 1, list(values))
-            blocks.append((f"in/{node}/{b}/{index}", "", 0, b, b + 1, len(values), data))
+            data, count = self._queue_block(node, b)
+            blocks.append((f"in/{node}/{b}/{index}", "", 0, b, b + 1, count, data))
         for bid, topic, partition, start, until, count, data in blocks:
             self.store.put(bid, data)
             holders = [self.id]
@@ -261,6 +269,55 @@ class Worker:
             reports.append([bid, topic, partition, start, until, count, len(data), holders])
         return reports
 
+    def _queue_block(self, node: int, b: int) -> tuple[bytes, int]:
+        n = self.ssc.nodes[node]
+        i = b - self.first
+        values = n.args["batches"][i] if 0 <= i < len(n.args["batches"]) else n.args["default"]
+        return encode_input_block("", 0, b, b + 1, list(values)), len(values)
+
+    def _read_input(self, p: dict[str, Any]) -> int:
+        """Rebuild a lost input block from Kafka by its logged offset range (or the queue)."""
+        bid = p["block"]
+        _, node, b, _idx = bid.split("/")
+        if not p["topic"]:
+            data, _ = self._queue_block(int(node), int(b))
+        else:
+            from ingest.reread import read_range
+
+            n = self.ssc.nodes[int(node)]
+            data = read_range(
+                self.settings.kafka_client_config(**{"group.id": f"dstream-{self.app_id}-reread"}),
+                p["topic"],
+                p["partition"],
+                p["from"],
+                p["until"],
+                bool(n.args.get("with_metadata")),
+            )
+        return self.store.put(bid, data)
+
+    def _checkpoint(self, spec: TaskSpec, block: Any) -> None:
+        """Write a state partition to the checkpoint store, then tell the coordinator."""
+        t0 = time.monotonic()
+        items = list(block.state.items()) if isinstance(block, StateBlock) else unpack(block)
+        try:
+            nbytes = self.checkpoints.write_items(spec.node, spec.part, spec.batch, items)
+            dt = time.monotonic() - t0
+            metrics.CHECKPOINT_DURATION.observe(dt)
+            metrics.CHECKPOINT_BYTES.set(nbytes)
+            self.coordinator.call(
+                "checkpointed",
+                {
+                    "node": spec.node,
+                    "part": spec.part,
+                    "batch": spec.batch,
+                    "bytes": nbytes,
+                    "seconds": dt,
+                },
+                timeout=30,
+            )
+        except Exception as e:  # a failed checkpoint only lengthens lineage
+            log.warning("checkpoint of %s failed: %s", spec.id, e)
+
     # -- tasks -----------------------------------------------------------------------------
     def _fetch(self, locations: dict[str, list[str]]) -> Any:
         plan = self.plan
@@ -272,6 +329,12 @@ class Worker:
             for addr in locations.get(bid, []):
                 if addr == self.id:
                     continue
+                if addr == CHECKPOINT:
+                    _, node, b, part = bid.split("/")
+                    items = self.checkpoints.read_items(int(node), int(part), int(b))
+                    if plan.by_id[int(node)].kind == "state":
+                        return StateBlock(dict(items), [])
+                    return pack(items)
                 try:
                     data = self._peer(addr).call(
                         "fetch", {"block": bid, "bucket": bucket}, timeout=FETCH_TIMEOUT_S
@@ -304,6 +367,9 @@ class Worker:
                     return
             else:
                 size = self.store.put(spec.id, res.block)
+                every = self.settings.checkpoint_every_batches
+                if spec.node in self.stateful and (spec.batch + 1) % every == 0:
+                    self.ckpt_pool.submit(self._checkpoint, spec, res.block)
             if res.dead_letters:
                 self.sinks.dead_letters(res.dead_letters)
             dt = time.monotonic() - t0
@@ -323,6 +389,9 @@ class Worker:
             )
         except BlockMissing as e:
             self._report_failure(spec, attempt, str(e), e.block_id)
+        except FencedError as e:  # another attempt or worker owns the output: retry is safe
+            log.warning("task %s attempt %d fenced: %s", spec.id, attempt, e)
+            self._report_failure(spec, attempt, f"fenced: {e}", None)
         except Exception as e:
             log.exception("task %s attempt %d failed", spec.id, attempt)
             self._report_failure(spec, attempt, f"{type(e).__name__}: {e}", None)

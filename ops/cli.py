@@ -11,13 +11,13 @@ from engine.errors import DStreamError
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser; each sub-command module adds its own parsers."""
-    from ops import _cli_dev, _cli_produce, _cli_run
+    from ops import _cli_dev, _cli_produce, _cli_run, _cli_verify
 
     parser = argparse.ArgumentParser(
         prog="dstream", description="Discretized Streams on Kafka and Redis"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (_cli_run, _cli_dev, _cli_produce):
+    for module in (_cli_run, _cli_dev, _cli_produce, _cli_verify):
         module.register(sub)
     return parser
 

@@ -127,7 +127,7 @@ def test_checkpoint_equals_reference_state(
             for bid, rng in ranges.items():
                 if bid.startswith("@"):
                     continue
-                topic, p, lo, until, _n = rng
+                _topic, p, lo, until, _n = rng
                 ref.update(records[(p, o)] for o in range(lo, until))
         from engine._codec import stable_hash
 

@@ -29,12 +29,14 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
-# Debian packages: installed only when missing, and only as root (else a clear error)
+# Debian packages: installed only when missing, and only as root (else a clear error);
+# chromium (headless) is for the status-page test in tests/e2e
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	command -v mvn >/dev/null || missing="$$missing maven"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then \
 	    echo "missing:$$missing; install them: sudo apt-get install -y$$missing" >&2; exit 1; \

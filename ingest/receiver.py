@@ -28,6 +28,8 @@ log = logging.getLogger("dstream.receiver")
 POLL_TIMEOUT_S = 0.05
 #: Records fetched per consume() call: large, to amortise the per-call overhead.
 POLL_BATCH = 10_000
+#: How often receiver lag is refreshed from the consumer's cached watermarks.
+LAG_EVERY_S = 0.5
 
 
 @dataclass
@@ -97,6 +99,9 @@ class Receivers:
         self._reassign = threading.Event()
         self.received = 0
         self.errors: list[str] = []
+        #: log-end offset minus next offset to read, per (topic, partition)
+        self.lag: dict[tuple[str, int], int] = {}
+        self._lag_at = 0.0
 
     # -- control ---------------------------------------------------------------------------
     def assign(self, assignments: list[Assignment]) -> None:
@@ -191,11 +196,34 @@ class Receivers:
                 msgs = self._consumer.consume(POLL_BATCH, POLL_TIMEOUT_S)
                 if msgs:
                     self._append(msgs)
+                now = time.monotonic()
+                if now - self._lag_at > LAG_EVERY_S:
+                    self._lag_at = now
+                    self._update_lag()
         except Exception as e:  # a receiver must never die silently
             log.exception("receiver stopped: %s", e)
             self.errors.append(str(e))
         finally:
             self._consumer.close()
+
+    def _update_lag(self) -> None:
+        """Lag per partition from the high watermarks the consumer already fetched."""
+        from confluent_kafka import TopicPartition
+
+        with self._lock:
+            parts = [(p.topic, p.partition, p.position) for p in self._parts.values()]
+        lag: dict[tuple[str, int], int] = {}
+        for topic, partition, position in parts:
+            try:
+                _lo, hi = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True
+                )
+            except Exception as e:
+                log.debug("watermarks of %s[%d]: %s", topic, partition, e)
+                continue
+            if hi is not None and hi >= 0:
+                lag[(topic, partition)] = max(0, hi - position)
+        self.lag = lag
 
     def _append(self, msgs: list[Any]) -> None:
         cap = self.max_records

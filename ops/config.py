@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     heartbeat_interval: float = 0.5
     heartbeat_misses: int = 3
     max_records_per_partition: int = 0  # per batch; 0 means unlimited
+    adaptive_rate: bool = False  # lower the per-partition cap to keep batches in time
     speculation: bool = True
     speculation_multiplier: float = 1.4
     speculation_quantile: float = 0.75

@@ -55,6 +55,7 @@ class WorkerInfo:
     received: int = 0
     store_bytes: int = 0
     blocks: int = 0
+    lag: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +125,9 @@ class Coordinator:
         self.pending_ckpts: list[tuple[int, int, int]] = []
         self.checkpoint_store = RedisCheckpointStore(redis_client(settings), app_id)
         self.max_keep = max(self.plan.keep.values(), default=0)
+        #: records per partition per batch (None: the workers' configured cap)
+        self.rate_cap: int | None = None
+        self.under_replicated = 0
         self._next_reader = 0
         self.workers: dict[str, WorkerInfo] = {}
         self.assignment: dict[tuple[int, int], str] = {}
@@ -234,6 +238,7 @@ class Coordinator:
                 w.received = params.get("received", 0)
                 w.store_bytes = params.get("store_bytes", 0)
                 w.blocks = params.get("blocks", 0)
+                w.lag = {(t, p): n for t, p, n in params.get("lag", [])}
             return "ok"
         if method == "task_done":
             return self._task_done(params)
@@ -386,9 +391,9 @@ class Coordinator:
             b = self.next_batch
             self.next_batch += 1
             workers = list(self.workers.values())
+        seal = {"batch": b, "max_records": self.rate_cap}
         futures = {
-            w.id: self.io.submit(w.client.call, "seal", {"batch": b}, SEAL_TIMEOUT_S)
-            for w in workers
+            w.id: self.io.submit(w.client.call, "seal", seal, SEAL_TIMEOUT_S) for w in workers
         }
         reports: list[Any] = []
         for wid, f in futures.items():
@@ -418,6 +423,8 @@ class Coordinator:
             for bid, _t, _p, _lo, until, _c, size, holders in reports:
                 _, node, _, idx = bid.split("/")
                 self.positions[(int(node), int(idx))] = until
+                if len(holders) < min(2, len(self.workers)):
+                    self.under_replicated += 1
                 for h in holders:
                     self.scheduler.block_added(bid, h, size)
             self.batches[b] = info
@@ -538,6 +545,8 @@ class Coordinator:
             metrics.TOTAL_DELAY.observe(now - info.sealed_at)
             self.history.append(info)
             del self.history[:-200]
+            if self.settings.adaptive_rate:
+                self._adapt_rate(info, now - start)
         metrics.BATCHES_COMPLETED.inc()
         metrics.BATCHES_PENDING.set(len(self.scheduler.batches))
         done = self.scheduler.done_upto()
@@ -554,6 +563,27 @@ class Coordinator:
                 del self.ranges[x]
                 self.times.pop(x, None)
             self.io.submit(self._mark_done, done, ready, keep_from)
+
+    def _lag(self, owner: str, tp: tuple[str, int]) -> int | None:
+        w = self.workers.get(owner)
+        return None if w is None else w.lag.get(tp)
+
+    def _adapt_rate(self, info: BatchInfo, processing: float) -> None:
+        """Backpressure: a per-partition cap so a batch processes in ~80% of the interval.
+
+        Sized from the rate the last batch was processed at, smoothed over batches.
+        """
+        iv = self.settings.batch_interval
+        parts = max(1, len(self.positions))
+        if info.records < parts or processing <= 0:
+            return
+        rate = info.records / processing  # records/s the fleet just sustained
+        target = max(10, int(rate * iv * 0.8 / parts))
+        cap = self.settings.max_records_per_partition
+        if cap:
+            target = min(target, cap)
+        old = self.rate_cap
+        self.rate_cap = target if old is None else max(10, (old + target) // 2)
 
     def _mark_done(self, b: int, ckpts: list[tuple[int, int, int]], keep_from: int) -> None:
         """Persist progress: batches done, checkpoints in force, lineage still needed."""
@@ -604,6 +634,8 @@ class Coordinator:
                     }
                     for w in self.workers.values()
                 ],
+                "under_replicated_blocks": self.under_replicated,
+                "rate_cap": self.rate_cap,
                 "receivers": [
                     {
                         "node": n,
@@ -612,6 +644,7 @@ class Coordinator:
                         "partition": self.layout[n][i][1],
                         "owner": o,
                         "position": self.positions.get((n, i)),
+                        "lag": self._lag(o, self.layout[n][i]),
                     }
                     for (n, i), o in sorted(self.assignment.items())
                 ],

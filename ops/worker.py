@@ -156,10 +156,13 @@ class Worker:
                         "store_bytes": self.store.nbytes,
                         "blocks": len(self.store),
                         "received": self.receivers.received,
+                        "lag": [[t, p, n] for (t, p), n in self.receivers.lag.items()],
                     },
                     timeout=iv * 4,
                 )
                 metrics.BLOCK_STORE_BYTES.set(self.store.nbytes)
+                for (t, p), n in self.receivers.lag.items():
+                    metrics.RECEIVER_LAG.labels(topic=t, partition=str(p)).set(n)
                 metrics.BLOCK_STORE_BLOCKS.set(len(self.store))
                 if reply == "unknown":
                     self._register()
@@ -199,6 +202,8 @@ class Worker:
             self.store.put(params["block"], params["data"])
             return True
         if method == "seal":
+            if params.get("max_records") is not None:
+                self.receivers.max_records = params["max_records"]
             return self._seal(params["batch"])
         if method == "read_input":
             return self._read_input(params)

@@ -151,6 +151,17 @@ def test_metrics_add_up_during_a_run(
         assert completed >= coord["dstream_total_delay_seconds_count"][0][1] > 0
         assert coord["dstream_batch_records_sum"][0][1] == N
         assert coord["dstream_live_workers"][0][1] == 2
+
+        # receiver lag: one gauge per input partition across the workers, 0 once caught up
+        def lags() -> dict[int, float]:
+            out = {}
+            for p in workers:
+                for labels, value in _samples(p)["dstream_receiver_lag_records"]:
+                    if labels["topic"] == inp:
+                        out[int(labels["partition"])] = value
+            return out
+
+        wait_for(lambda: lags() == {0: 0, 1: 0, 2: 0}, 20, "receiver lag 0 on every partition")
         # workers ran tasks and hold blocks
         for p in workers:
             w = _samples(p)

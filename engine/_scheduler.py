@@ -10,6 +10,7 @@ by re-running the task that produced it (or, for an input block, re-read from Ka
 from __future__ import annotations
 
 import statistics
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -48,6 +49,15 @@ class FreeBlocks:
 
 
 @dataclass(frozen=True)
+class Replicate:
+    """Copy *block_id* from *source* to *target*: it lost its second holder."""
+
+    block_id: str
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
 class ReadInput:
     """Input block *block_id* is needed but has no live holder: re-read it from Kafka."""
 
@@ -61,7 +71,7 @@ class BatchCompleted:
     batch: int
 
 
-Instruction = LaunchTask | CancelTask | FreeBlocks | BatchCompleted | ReadInput
+Instruction = LaunchTask | CancelTask | FreeBlocks | BatchCompleted | ReadInput | Replicate
 
 
 @dataclass
@@ -74,6 +84,8 @@ class _Task:
     committer: int | None = None
     speculated: bool = False
     speculative_attempts: set[int] = field(default_factory=set)
+    failures: int = 0
+    not_before: float = 0.0
 
 
 @dataclass
@@ -148,11 +160,23 @@ class Scheduler:
         self.busy.setdefault(worker, 0)
 
     def remove_worker(self, worker: str) -> list[Instruction]:
-        """A worker is gone: its blocks are lost, its running attempts rerun elsewhere."""
+        """A worker is gone: its blocks are lost, its running attempts rerun elsewhere.
+
+        Input blocks it shared with a peer are copied again so that every input block
+        still needed has two holders (lost state is rebuilt from lineage instead).
+        """
         self.slots.pop(worker, None)
         self.busy.pop(worker, None)
-        for holders in self.locations.values():
-            holders.discard(worker)
+        out: list[Instruction] = []
+        live = sorted(self.slots)
+        for bid, holders in self.locations.items():
+            if worker in holders:
+                holders.discard(worker)
+                if bid.startswith("in/") and len(holders) == 1 and len(live) > 1:
+                    (src,) = holders
+                    others = [w for w in live if w != src]
+                    target = others[zlib.crc32(bid.encode()) % len(others)]
+                    out.append(Replicate(bid, src, target))
         for t in [*self.tasks.values(), *self.lineage.values()]:
             lost = [a for a, (w, _) in t.attempts.items() if w == worker]
             for a in lost:
@@ -162,7 +186,7 @@ class Scheduler:
             if t.status == RUNNING and not t.attempts:
                 t.status = PENDING
                 self.stats.retried += 1
-        return []
+        return out
 
     @property
     def workers(self) -> list[str]:
@@ -258,6 +282,9 @@ class Scheduler:
         t = self.tasks.get(task_id) or self.lineage.get(task_id)
         out: list[Instruction] = []
         if t is None or t.status == DONE or attempt not in t.attempts:
+            # a losing or stale attempt: drop its block unless that worker holds the winner's
+            if t is not None and t.spec.kind != "output" and worker not in self.holders(task_id):
+                out.append(FreeBlocks(worker, (task_id,)))
             return out
         if t.spec.kind == "output" and t.committer != attempt:
             return out
@@ -285,9 +312,19 @@ class Scheduler:
         return out
 
     def task_failed(
-        self, task_id: str, attempt: int, worker: str, missing: str | None = None
+        self,
+        task_id: str,
+        attempt: int,
+        worker: str,
+        missing: str | None = None,
+        now: float = 0.0,
     ) -> None:
-        """An attempt failed; with *missing*, because that input block was gone."""
+        """An attempt failed; with *missing*, because that input block was gone.
+
+        A task that failed for another reason (a sink or dependency error) is retried with
+        exponential backoff (50 ms doubling, at most 2 s), so a dependency outage does not
+        turn into a hot retry loop.
+        """
         t = self.tasks.get(task_id) or self.lineage.get(task_id)
         if missing:
             self.block_lost(missing, worker)
@@ -300,6 +337,9 @@ class Scheduler:
         if t.status == RUNNING and not t.attempts:
             t.status = PENDING
             self.stats.retried += 1
+            if not missing:
+                t.failures += 1
+                t.not_before = now + min(2.0, 0.05 * 2 ** (t.failures - 1))
 
     def _complete(self, b: int) -> list[Instruction]:
         self.completed.append(b)
@@ -355,7 +395,7 @@ class Scheduler:
             for tid in self.batches[b].tasks
         ]
         for _tid, t in queue:
-            if t is None or t.status != PENDING:
+            if t is None or t.status != PENDING or t.not_before > now:
                 continue
             if t.spec.kind == "output" and self._earlier_output_pending(t.spec):
                 continue

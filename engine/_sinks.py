@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from engine._exec import DeadLetter
@@ -20,8 +21,19 @@ class SinkEnv(ABC):
     """Commits output partitions to external systems, exactly once per (batch, partition)."""
 
     @abstractmethod
-    def commit(self, node: Node, spec: TaskSpec, batch_time_ms: int, records: list[Any]) -> None:
-        """Write *records* of output task *spec*; idempotent for the same batch."""
+    def commit(
+        self,
+        node: Node,
+        spec: TaskSpec,
+        batch_time_ms: int,
+        records: list[Any],
+        guard: Callable[[], bool] | None = None,
+    ) -> None:
+        """Write *records* of output task *spec*; idempotent for the same batch.
+
+        *guard*, when given, is asked right before the write becomes visible; False means
+        the caller lost its right to commit, and nothing may be written.
+        """
 
     def dead_letters(self, letters: list[DeadLetter]) -> None:
         """Publish dead letters; the default keeps them in memory (tests read them)."""
@@ -37,7 +49,14 @@ class SinkEnv(ABC):
 class LocalSinks(SinkEnv):
     """foreach_batch and pprint; Kafka and Redis outputs need the fleet's sinks."""
 
-    def commit(self, node: Node, spec: TaskSpec, batch_time_ms: int, records: list[Any]) -> None:
+    def commit(
+        self,
+        node: Node,
+        spec: TaskSpec,
+        batch_time_ms: int,
+        records: list[Any],
+        guard: Callable[[], bool] | None = None,
+    ) -> None:
         run_engine_sink(node, batch_time_ms, records)
 
 

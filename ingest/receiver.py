@@ -111,8 +111,8 @@ class Receivers:
             for a in assignments:
                 key = (a.topic, a.partition)
                 old = self._parts.get(key)
-                if old is not None and old.node == a.node:
-                    new[key] = old
+                if old is not None and old.node == a.node and old.start == a.start:
+                    new[key] = old  # same block in progress: keep what it already read
                 else:
                     new[key] = _Part(
                         a.node, a.index, a.topic, a.partition, a.start, a.start, a.with_meta

@@ -21,6 +21,9 @@ log = logging.getLogger("dstream.run")
 
 #: Grace period for children to stop after SIGTERM before they are killed.
 STOP_GRACE_S = 15.0
+#: More than this many process restarts within the window is a crash loop: give up.
+MAX_RESTARTS = 10
+RESTART_WINDOW_S = 60.0
 
 
 def _common(p: argparse.ArgumentParser, app_positional: bool = False) -> None:
@@ -123,7 +126,7 @@ def _die_with_parent() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Start a coordinator and N workers as child processes; Ctrl-C stops them all."""
     from ops.devservices import free_port
-    from ops.services import app_id_for
+    from ops.services import app_id_for, build_context
 
     _setup_logging(args.log_level)
     if args.workers < 1:
@@ -131,9 +134,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(msg)
     settings = _settings(args)
     app_id = app_id_for(args.app, settings)
+    build_context(args.app, settings)  # a broken app file fails here, once, clearly
     env = dict(os.environ)
     env["DSTREAM_SECRET"] = env.get("DSTREAM_SECRET") or secrets.token_hex(32)
-    env["DSTREAM_COORDINATOR"] = f"127.0.0.1:{free_port()}"
+    env["DSTREAM_COORDINATOR"] = env.get("DSTREAM_COORDINATOR") or f"127.0.0.1:{free_port()}"
     env["DSTREAM_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
     env["DSTREAM_REDIS_URL"] = settings.redis_url.get_secret_value()
     env["DSTREAM_APP_ID"] = app_id
@@ -143,16 +147,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         env["DSTREAM_CHECKPOINT_EVERY"] = str(args.checkpoint_every)
     base = [sys.executable, "-m", "ops.cli"]
     common = ["--app", args.app, "--log-level", args.log_level]
-    procs: list[subprocess.Popen[bytes]] = []
     http_port = int(env.get("DSTREAM_HTTP_PORT") or 0) or free_port()
     coord_env = {**env, "DSTREAM_HTTP_PORT": str(http_port)}
     worker_env = {**env, "DSTREAM_HTTP_PORT": "0"}
+    coord = [*base, "coordinator", *common, "--expect-workers", str(args.workers)]
+    worker = [*base, "worker", *common]
+    roles = [("coordinator", coord, coord_env)] + [
+        (f"worker-{i}", worker, worker_env) for i in range(args.workers)
+    ]
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    restarts: list[float] = []
     try:
-        coord = [*base, "coordinator", *common, "--expect-workers", str(args.workers)]
-        procs.append(subprocess.Popen(coord, env=coord_env, preexec_fn=_die_with_parent))
-        for _ in range(args.workers):
-            worker = [*base, "worker", *common]
-            procs.append(subprocess.Popen(worker, env=worker_env, preexec_fn=_die_with_parent))
+        for name, cmd, role_env in roles:
+            procs[name] = subprocess.Popen(cmd, env=role_env, preexec_fn=_die_with_parent)
         log.info(
             "fleet of app %s: coordinator %s and %d workers; status page http://127.0.0.1:%d/",
             app_id,
@@ -161,17 +168,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             http_port,
         )
         while True:
-            for p in procs:
-                code = p.poll()
-                if code is not None:
-                    log.error("process %d exited with %d; stopping the fleet", p.pid, code)
+            for name, cmd, role_env in roles:
+                code = procs[name].poll()
+                if code is None:
+                    continue
+                if code == 0:  # asked to stop (SIGTERM/SIGINT): the fleet is stopping
+                    log.info("%s stopped; stopping the fleet", name)
+                    return 0
+                # a crashed process is replaced, as a Kubernetes controller would: the
+                # fleet recovers its work; only a crash loop stops everything
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+                if len(restarts) > MAX_RESTARTS:
+                    log.error("%s keeps exiting (code %d); stopping the fleet", name, code)
                     return code or 1
+                log.warning(
+                    "%s (pid %d) exited with %d; starting a new one", name, procs[name].pid, code
+                )
+                procs[name] = subprocess.Popen(cmd, env=role_env, preexec_fn=_die_with_parent)
             time.sleep(0.2)
     except KeyboardInterrupt:
         log.info("stopping the fleet")
         return 0
     finally:
-        _stop_all(procs)
+        _stop_all(list(procs.values()))
 
 
 def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:

@@ -25,6 +25,7 @@ from engine._scheduler import (
     Instruction,
     LaunchTask,
     ReadInput,
+    Replicate,
     Scheduler,
 )
 from engine.errors import DStreamError, RpcError
@@ -56,6 +57,7 @@ class WorkerInfo:
     store_bytes: int = 0
     blocks: int = 0
     lag: dict[tuple[str, int], int] = field(default_factory=dict)
+    http_port: int = 0
 
 
 @dataclass
@@ -127,6 +129,8 @@ class Coordinator:
         self.max_keep = max(self.plan.keep.values(), default=0)
         #: records per partition per batch (None: the workers' configured cap)
         self.rate_cap: int | None = None
+        #: (time a loss was detected, batch that must complete for recovery to be over)
+        self.recovering: tuple[float, int] | None = None
         self.under_replicated = 0
         self._next_reader = 0
         self.workers: dict[str, WorkerInfo] = {}
@@ -245,8 +249,13 @@ class Coordinator:
         if method == "task_failed":
             with self.lock:
                 self.scheduler.task_failed(
-                    params["task"], params["attempt"], params["worker"], params.get("missing")
+                    params["task"],
+                    params["attempt"],
+                    params["worker"],
+                    params.get("missing"),
+                    now=time.monotonic(),
                 )
+                metrics.TASKS_RETRIED.inc()
                 if not params.get("missing"):
                     log.warning(
                         "task %s failed on %s: %s",
@@ -258,6 +267,8 @@ class Coordinator:
             return True
         if method == "request_commit":
             with self.lock:
+                if params.get("worker") not in self.workers:
+                    return "denied"  # a worker declared lost holds no commit right
                 return self.scheduler.request_commit(params["task"], params["attempt"])
         if method == "status":
             return self.status()
@@ -272,7 +283,13 @@ class Coordinator:
             old = self.workers.get(wid)
             if old is None:
                 client = RpcClient(wid, secret=self.secret, max_frame=self.settings.max_frame_bytes)
-                self.workers[wid] = WorkerInfo(wid, params["slots"], client, time.monotonic())
+                self.workers[wid] = WorkerInfo(
+                    wid,
+                    params["slots"],
+                    client,
+                    time.monotonic(),
+                    http_port=params.get("http_port", 0),
+                )
                 self.scheduler.add_worker(wid, params["slots"])
                 for bid in params.get("blocks", []):
                     self.scheduler.block_added(bid, wid)
@@ -303,10 +320,12 @@ class Coordinator:
             return
         log.warning("worker %s lost: reassigning its partitions, rerunning its tasks", wid)
         w.client.close()
-        self.scheduler.remove_worker(wid)
+        self._apply(self.scheduler.remove_worker(wid))
         self._assignment_dirty = True
         metrics.LIVE_WORKERS.set(len(self.workers))
         metrics.RECOVERIES.inc()
+        if self.recovering is None:
+            self.recovering = (time.monotonic(), self.next_batch)
         self._dispatch()
 
     def _assign_partitions(self) -> None:
@@ -416,8 +435,12 @@ class Coordinator:
             self.ranges[b] = info.ranges
             self.times[b] = time_ms
         # the offset ranges are durable before anything is scheduled
-        self.metalog.log_batch(
-            self.epoch, b, {**info.ranges, TIME_KEY: ("", 0, time_ms, time_ms, 0)}
+        self._durable(
+            "logging a batch",
+            self.metalog.log_batch,
+            self.epoch,
+            b,
+            {**info.ranges, TIME_KEY: ("", 0, time_ms, time_ms, 0)},
         )
         with self.lock:
             for bid, _t, _p, _lo, until, _c, size, holders in reports:
@@ -462,6 +485,48 @@ class Coordinator:
                 self._batch_completed(ins.batch)
             elif isinstance(ins, ReadInput):
                 self._read_input(ins.block_id)
+            elif isinstance(ins, Replicate):
+                src = self.workers.get(ins.source)
+                if src is not None:
+                    self.io.submit(self._send_replicate, src, ins)
+
+    def _send_replicate(self, src: WorkerInfo, ins: Replicate) -> None:
+        try:
+            size = src.client.call(
+                "replicate_to", {"block": ins.block_id, "target": ins.target}, timeout=60
+            )
+        except RpcError as e:
+            log.warning("re-replicating %s to %s failed: %s", ins.block_id, ins.target, e)
+            return
+        with self.lock:
+            self.scheduler.block_added(ins.block_id, ins.target, size)
+
+    def _durable(self, what: str, fn: Any, *args: Any) -> Any:
+        """Run a Redis write until it succeeds; fencing errors are not retried.
+
+        The fleet waits (degraded, said once in the log and in a metric) rather than go on
+        without the metadata it must write first.
+        """
+        import redis
+
+        delay = 0.1
+        degraded = False
+        while True:
+            try:
+                result = fn(*args)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                if not degraded:
+                    degraded = True
+                    metrics.DEGRADED.labels(dependency="redis").set(1)
+                    log.warning("redis unavailable (%s: %s): waiting and retrying", what, e)
+                if self.stopping.wait(delay):
+                    raise
+                delay = min(2.0, delay * 2)
+                continue
+            if degraded:
+                metrics.DEGRADED.labels(dependency="redis").set(0)
+                log.warning("redis available again (%s)", what)
+            return result
 
     def _read_input(self, bid: str) -> None:
         """Have a live worker rebuild input block *bid* from its logged offset range."""
@@ -550,6 +615,10 @@ class Coordinator:
         metrics.BATCHES_COMPLETED.inc()
         metrics.BATCHES_PENDING.set(len(self.scheduler.batches))
         done = self.scheduler.done_upto()
+        if self.recovering is not None and done >= self.recovering[1]:
+            metrics.RECOVERY_TIME.observe(time.monotonic() - self.recovering[0])
+            log.info("recovered in %.2f s", time.monotonic() - self.recovering[0])
+            self.recovering = None
         if self.done is None or done > self.done:
             self.done = done
             ready = [c for c in self.pending_ckpts if c[2] <= done]
@@ -589,9 +658,9 @@ class Coordinator:
         """Persist progress: batches done, checkpoints in force, lineage still needed."""
         try:
             for node, part, cb in ckpts:
-                self.metalog.set_checkpoint(node, part, cb)
+                self._durable("checkpoint pointer", self.metalog.set_checkpoint, node, part, cb)
                 self.checkpoint_store.delete_before(node, part, cb)
-            self.metalog.mark_done(self.epoch, b)
+            self._durable("batch done", self.metalog.mark_done, self.epoch, b)
             self.metalog.forget_before(keep_from)
         except Exception as e:
             log.warning("marking batch %d done failed: %s", b, e)
@@ -631,10 +700,15 @@ class Coordinator:
                         "store_bytes": w.store_bytes,
                         "blocks": w.blocks,
                         "received": w.received,
+                        "http_port": w.http_port,
+                        "last_seen_s": round(time.monotonic() - w.last_seen, 3),
                     }
                     for w in self.workers.values()
                 ],
                 "under_replicated_blocks": self.under_replicated,
+                "interval_ms": self.ssc.batch_interval_ms,
+                "first_time_ms": self.times.get(self.first),
+                "recovering": self.recovering is not None,
                 "rate_cap": self.rate_cap,
                 "receivers": [
                     {

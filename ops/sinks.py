@@ -27,6 +27,7 @@ from engine._graph import Node
 from engine._plan import TaskSpec
 from engine._sinks import SinkEnv, run_engine_sink
 from engine.errors import DStreamError, FencedError
+from ops import faults
 from ops.config import Settings
 
 log = logging.getLogger("dstream.sinks")
@@ -93,6 +94,7 @@ class FleetSinks(SinkEnv):
         self._redis_script: Any = None
         self._dlq: Any = None
         self.committed_batches = 0
+        self._kafka_ok = True
         self.skipped_batches = 0
         self.dead_lettered = 0
 
@@ -130,7 +132,14 @@ class FleetSinks(SinkEnv):
             self._producers[key] = (producer, marker)
         return producer, marker
 
-    def _kafka_commit(self, node: Node, spec: TaskSpec, batch_ms: int, records: list[Any]) -> None:
+    def _kafka_commit(
+        self,
+        node: Node,
+        spec: TaskSpec,
+        batch_ms: int,
+        records: list[Any],
+        guard: Callable[[], bool] | None = None,
+    ) -> None:
         from confluent_kafka import KafkaException, TopicPartition
 
         topic = node.args["topic"]
@@ -160,10 +169,18 @@ class FleetSinks(SinkEnv):
                 marker.consumer_group_metadata(),
                 KAFKA_CALL_TIMEOUT_S,
             )
+            if guard is not None and not guard():
+                producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
+                msg = f"{node.name} partition {spec.part}: lease lost before commit"
+                raise FencedError(msg)
             producer.commit_transaction(KAFKA_CALL_TIMEOUT_S)
+            faults.crash_point("after_kafka_commit")
             self.committed_batches += 1
+            self._kafka_state(ok=True)
         except KafkaException as e:
             err = e.args[0] if e.args else None
+            if err is not None and err.retriable():
+                self._kafka_state(ok=False, why=str(err))
             fatal = bool(err is not None and err.fatal())
             abortable = bool(err is not None and err.txn_requires_abort())
             if abortable:
@@ -180,8 +197,27 @@ class FleetSinks(SinkEnv):
             msg = f"{node.name}: Kafka commit of batch {spec.batch} failed: {e}"
             raise DStreamError(msg) from e
 
+    def _kafka_state(self, ok: bool, why: str = "") -> None:
+        """Say once per change whether Kafka is reachable (log line and metric)."""
+        from ops.metrics import DEGRADED
+
+        if ok == self._kafka_ok:
+            return
+        self._kafka_ok = ok
+        DEGRADED.labels(dependency="kafka").set(0 if ok else 1)
+        if ok:
+            log.warning("kafka available again")
+        else:
+            log.warning("kafka unavailable (%s): output tasks retry with backoff", why)
+
     # -- redis -----------------------------------------------------------------------------
-    def _redis_commit(self, node: Node, spec: TaskSpec, records: list[Any]) -> None:
+    def _redis_commit(
+        self,
+        node: Node,
+        spec: TaskSpec,
+        records: list[Any],
+        guard: Callable[[], bool] | None = None,
+    ) -> None:
         import redis
 
         if self._redis is None:
@@ -203,6 +239,10 @@ class FleetSinks(SinkEnv):
             k, v = (r[0], r[1]) if isinstance(r, tuple | list) and len(r) == 2 else (r, r)
             name = str(k) if mode == "hash" else prefix + node.args["key_pattern"].format(key=k)
             args += [name, _json(v)]
+        faults.crash_point("before_redis_commit")
+        if guard is not None and not guard():
+            msg = f"{node.name} partition {spec.part}: lease lost before commit"
+            raise FencedError(msg)
         try:
             res = self._redis_script(keys=[prefix + "epoch", f"{prefix}out:{node.id}"], args=args)
         except redis.ResponseError as e:
@@ -215,12 +255,19 @@ class FleetSinks(SinkEnv):
             self.skipped_batches += 1
 
     # -- SinkEnv ---------------------------------------------------------------------------
-    def commit(self, node: Node, spec: TaskSpec, batch_time_ms: int, records: list[Any]) -> None:
+    def commit(
+        self,
+        node: Node,
+        spec: TaskSpec,
+        batch_time_ms: int,
+        records: list[Any],
+        guard: Callable[[], bool] | None = None,
+    ) -> None:
         sink = node.args["sink"]
         if sink == "kafka":
-            self._kafka_commit(node, spec, batch_time_ms, records)
+            self._kafka_commit(node, spec, batch_time_ms, records, guard)
         elif sink == "redis":
-            self._redis_commit(node, spec, records)
+            self._redis_commit(node, spec, records, guard)
         else:
             run_engine_sink(node, batch_time_ms, records)
 

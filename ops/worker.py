@@ -10,7 +10,6 @@ by re-registering (its blocks stay valid: they are immutable and named).
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import threading
@@ -24,7 +23,7 @@ from engine._plan import Plan, TaskSpec, block_node
 from engine._scheduler import CHECKPOINT
 from engine.errors import DStreamError, FencedError, RpcError
 from ingest.receiver import Assignment, Receivers
-from ops import metrics
+from ops import faults, metrics
 from ops.config import Settings
 from ops.http import HttpEndpoints
 from ops.rpc import ConnectionLost, RemoteError, RpcClient, RpcServer, RpcTimeout
@@ -96,6 +95,12 @@ class Worker:
         self.ckpt_pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self.stateful: set[int] = set()
         self.reader: Any = None
+        #: bumped when the coordinator no longer knows this worker (it was declared lost):
+        #: tasks launched under an older incarnation must not commit
+        self.incarnation = 0
+        self.last_ok = time.monotonic()
+        self.lease = settings.heartbeat_interval * settings.heartbeat_misses
+        self.slow = faults.slow_factor()
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -125,6 +130,7 @@ class Worker:
                         "worker": self.id,
                         "slots": self.settings.task_slots,
                         "blocks": self.store.ids(),
+                        "http_port": self.http.port,
                     },
                     timeout=10,
                 )
@@ -137,6 +143,7 @@ class Worker:
             return
         self.epoch = reply["epoch"]
         self.first = reply["first"]
+        self.last_ok = time.monotonic()
         layout = {int(k): len(v) for k, v in reply["layout"].items()}
         if self.plan is None:
             self.plan = Plan(self.ssc.nodes, layout)
@@ -165,7 +172,13 @@ class Worker:
                     metrics.RECEIVER_LAG.labels(topic=t, partition=str(p)).set(n)
                 metrics.BLOCK_STORE_BLOCKS.set(len(self.store))
                 if reply == "unknown":
+                    # declared lost (paused, partitioned): forget the old lease and rejoin
+                    self.incarnation += 1
+                    self.receivers.assign([])
+                    log.warning("worker %s was declared lost; rejoining", self.id)
                     self._register()
+                else:
+                    self.last_ok = time.monotonic()
             except RpcError as e:
                 log.debug("heartbeat failed: %s", e)
 
@@ -196,6 +209,7 @@ class Worker:
                 params["attempt"],
                 params["locations"],
                 params.get("time_ms", 0),
+                self.incarnation,
             )
             return True
         if method == "replicate":
@@ -207,6 +221,12 @@ class Worker:
             return self._seal(params["batch"])
         if method == "read_input":
             return self._read_input(params)
+        if method == "replicate_to":
+            data = self.store.get_bytes(params["block"])
+            self._peer(params["target"]).call(
+                "replicate", {"block": params["block"], "data": data}, timeout=FETCH_TIMEOUT_S
+            )
+            return len(data)
         if method == "assign":
             return self._assign(params)
         if method == "free":
@@ -298,6 +318,7 @@ class Worker:
                 p["until"],
                 bool(n.args.get("with_metadata")),
             )
+        faults.crash_point("during_recovery")
         return self.store.put(bid, data)
 
     def _checkpoint(self, spec: TaskSpec, block: Any) -> None:
@@ -306,6 +327,7 @@ class Worker:
         items = list(block.state.items()) if isinstance(block, StateBlock) else unpack(block)
         try:
             nbytes = self.checkpoints.write_items(spec.node, spec.part, spec.batch, items)
+            faults.crash_point("during_checkpoint")
             dt = time.monotonic() - t0
             metrics.CHECKPOINT_DURATION.observe(dt)
             metrics.CHECKPOINT_BYTES.set(nbytes)
@@ -356,19 +378,35 @@ class Worker:
 
         return fetch
 
+    def leased(self, incarnation: int) -> bool:
+        """Whether this worker may still commit for tasks of *incarnation*.
+
+        False once the coordinator declared it lost, and as soon as its last acknowledged
+        heartbeat is older than the lease (a paused process finds this out on waking,
+        before it could commit anything).
+        """
+        return incarnation == self.incarnation and time.monotonic() - self.last_ok < self.lease
+
     def _run_task(
-        self, spec: TaskSpec, attempt: int, locations: dict[str, list[str]], time_ms: int
+        self,
+        spec: TaskSpec,
+        attempt: int,
+        locations: dict[str, list[str]],
+        time_ms: int,
+        incarnation: int = 0,
     ) -> None:
         assert self.executor is not None
         t0 = time.monotonic()
-        slow = os.environ.get("DSTREAM_FAULT_SLOW_TASK")
         try:
             res = self.executor.run(spec, self._fetch(locations))
-            if slow:
-                time.sleep(float(slow) * (time.monotonic() - t0))
+            if self.slow > 1.0:
+                time.sleep((self.slow - 1.0) * (time.monotonic() - t0) + 0.02 * self.slow)
+            faults.crash_point("after_compute")
+            if (spec.id, attempt) in self.cancelled:
+                return
             size = 0
             if spec.kind == "output":
-                if not self._commit(spec, attempt, time_ms, res.records):
+                if not self._commit(spec, attempt, time_ms, res.records, incarnation):
                     return
             else:
                 size = self.store.put(spec.id, res.block)
@@ -401,10 +439,12 @@ class Worker:
             log.exception("task %s attempt %d failed", spec.id, attempt)
             self._report_failure(spec, attempt, f"{type(e).__name__}: {e}", None)
 
-    def _commit(self, spec: TaskSpec, attempt: int, time_ms: int, records: list[Any]) -> bool:
+    def _commit(
+        self, spec: TaskSpec, attempt: int, time_ms: int, records: list[Any], incarnation: int
+    ) -> bool:
         assert self.plan is not None
         while True:
-            if (spec.id, attempt) in self.cancelled:
+            if (spec.id, attempt) in self.cancelled or not self.leased(incarnation):
                 return False
             answer = self.coordinator.call(
                 "request_commit",
@@ -416,7 +456,13 @@ class Worker:
             if answer == "denied":
                 return False
             time.sleep(COMMIT_WAIT_S)
-        self.sinks.commit(self.plan.by_id[spec.node], spec, time_ms, records)
+        self.sinks.commit(
+            self.plan.by_id[spec.node],
+            spec,
+            time_ms,
+            records,
+            guard=lambda: self.leased(incarnation),
+        )
         return True
 
     def _report_failure(

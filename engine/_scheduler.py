@@ -403,7 +403,15 @@ class Scheduler:
             if missing:
                 out.extend(self._recompute(missing))
                 continue
-            w = self._pick_worker(t.spec, free)
+            if t.spec.kind == "output":
+                # output partitions are pinned to one worker: its transactional producer
+                # stays warm and no other worker fences it; moved only when it is lost
+                home = self._output_home(t.spec)
+                if free.get(home, 0) <= 0:
+                    continue
+                w: str | None = home
+            else:
+                w = self._pick_worker(t.spec, free)
             if w is None:
                 return out
             out.append(self._launch(t, w, now, speculative=False))
@@ -411,6 +419,15 @@ class Scheduler:
         if self.speculation:
             out.extend(self._speculate(now, free))
         return out
+
+    def _output_home(self, spec: TaskSpec) -> str:
+        key = (spec.node, spec.part)
+        home = self.output_owner.get(key)
+        if home not in self.slots:
+            live = sorted(self.slots)
+            home = live[zlib.crc32(f"{spec.node}/{spec.part}".encode()) % len(live)]
+            self.output_owner[key] = home
+        return home
 
     def _launch(self, t: _Task, w: str, now: float, speculative: bool) -> LaunchTask:
         a = t.next_attempt
@@ -436,8 +453,6 @@ class Scheduler:
             score = sum(
                 self.sizes.get(bid, 1) for bid, _ in spec.inputs if w in self.locations.get(bid, ())
             )
-            if spec.kind == "output" and self.output_owner.get((spec.node, spec.part)) == w:
-                score += 1 << 40
             if score > best_score or (
                 score == best_score and best is not None and free[w] > free[best]
             ):
@@ -507,6 +522,8 @@ class Scheduler:
             for t in group:
                 if t.status != RUNNING or t.speculated or len(t.attempts) != 1:
                     continue
+                if t.spec.kind == "output":
+                    continue  # a copy elsewhere would fence the pinned producer
                 ((w, t0),) = t.attempts.values()
                 if now - t0 <= threshold:
                     continue

@@ -427,8 +427,12 @@ def start_kafka(
     libs: Path | None = None,
     timeout: float = KAFKA_START_TIMEOUT_S,
     extra_properties: Mapping[str, str] | None = None,
+    fresh: bool = True,
 ) -> KafkaHandle:
     """Format fresh storage under *home* and start a broker; return once it answers metadata.
+
+    With ``fresh=False`` and storage already formatted under *home*, the broker restarts on
+    its existing data (fault tests restart a broker mid-run).
 
     *home* is wiped of earlier data (a dev broker always starts empty). The JVM runs in its
     own session, so it outlives the calling process (``dstream dev up`` exits) until
@@ -446,7 +450,9 @@ def start_kafka(
     libs = libs or ensure_kafka_libs()
     home.mkdir(parents=True, exist_ok=True)
     data = home / "data"
-    shutil.rmtree(data, ignore_errors=True)
+    keep = not fresh and (data / "meta.properties").exists()
+    if not keep:
+        shutil.rmtree(data, ignore_errors=True)
     props = home / "server.properties"
     props.write_text(render_server_properties(data, port, controller_port, extra=extra_properties))
     log4j = home / "log4j2.properties"
@@ -463,7 +469,9 @@ def start_kafka(
             new_cluster_id(),
             "-c",
             str(props),
-        ],
+        ]
+        if not keep
+        else ["true"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -146,7 +147,7 @@ class FleetSinks(SinkEnv):
         producer, marker = self._producer(node, spec.part)
         tp = TopicPartition(topic, 0)
         try:
-            done = marker.committed([tp], timeout=KAFKA_CALL_TIMEOUT_S)[0].offset
+            done = self._committed(marker, tp)
             if done is not None and done > spec.batch:
                 self.skipped_batches += 1
                 return  # this batch (or a later one) is already in Kafka
@@ -196,6 +197,21 @@ class FleetSinks(SinkEnv):
                 raise FencedError(msg) from e
             msg = f"{node.name}: Kafka commit of batch {spec.batch} failed: {e}"
             raise DStreamError(msg) from e
+
+    @staticmethod
+    def _committed(marker: Any, tp: Any) -> int | None:
+        """The marker group's committed offset, retrying transient coordinator errors."""
+        from confluent_kafka import KafkaException
+
+        for attempt in range(20):
+            try:
+                return marker.committed([tp], timeout=KAFKA_CALL_TIMEOUT_S)[0].offset  # type: ignore[no-any-return]
+            except KafkaException as e:
+                err = e.args[0] if e.args else None
+                if err is None or not err.retriable() or attempt == 19:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+        return None
 
     def _kafka_state(self, ok: bool, why: str = "") -> None:
         """Say once per change whether Kafka is reachable (log line and metric)."""

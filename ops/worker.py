@@ -118,7 +118,13 @@ class Worker:
         ).start()
         self._register()
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
-        log.info("worker %s up (app %s, %d slots)", self.id, self.app_id, self.settings.task_slots)
+        log.info(
+            "worker %s up (app %s, %d slots, http :%d)",
+            self.id,
+            self.app_id,
+            self.settings.task_slots,
+            self.http.port,
+        )
 
     def _register(self) -> None:
         delay = 0.05
@@ -436,6 +442,8 @@ class Worker:
             log.warning("task %s attempt %d fenced: %s", spec.id, attempt, e)
             self._report_failure(spec, attempt, f"fenced: {e}", None)
         except Exception as e:
+            if self.stopping.is_set():
+                return  # shutting down: the coordinator reruns what did not finish
             log.exception("task %s attempt %d failed", spec.id, attempt)
             self._report_failure(spec, attempt, f"{type(e).__name__}: {e}", None)
 

@@ -118,3 +118,25 @@ def run_fleet(
                 except (subprocess.TimeoutExpired, ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(10)
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, cmdline) of the direct children of *pid* (Linux /proc)."""
+    out: list[tuple[int, str]] = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                out.append((int(d.name), cmd))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(out)
+
+
+def role_pids(fleet: Fleet, role: str) -> list[int]:
+    """Pids of the fleet's live processes of *role* (``coordinator`` or ``worker``)."""
+    return [p for p, cmd in children(fleet.proc.pid) if f" {role} " in f" {cmd} "]

@@ -1,0 +1,112 @@
+"""kill -9 of workers (at each crash point, both holders of a block, two of four)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from ops.faults import CRASH_POINTS
+from tests.fault.scenario import run_scenario, status
+from tests.fleetkit import Fleet, role_pids, wait_for
+
+
+def _no_fault(fleet: Fleet, port: int) -> None:
+    """The crash switch does the killing."""
+
+
+def _kill_workers(n: int):
+    def fault(fleet: Fleet, port: int) -> None:
+        pids = role_pids(fleet, "worker")
+        assert len(pids) >= n
+        for pid in pids[:n]:
+            os.kill(pid, signal.SIGKILL)
+
+    return fault
+
+
+@pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p != "coordinator_seal"])
+def test_worker_crash_at_each_point(
+    point: str, kafka_bootstrap, redis_url, app_id, new_topic, tmp_path
+) -> None:
+    fault = _no_fault if point != "during_recovery" else _kill_workers(1)
+    res = run_scenario(
+        kafka=kafka_bootstrap,
+        redis_url=redis_url,
+        app_id=app_id,
+        new_topic=new_topic,
+        tmp=tmp_path,
+        fault=fault,
+        env={"DSTREAM_FAULT_CRASH": point},
+    )
+    if point != "during_recovery":
+        assert (tmp_path / f"crash-{point}").exists(), f"no worker reached {point}"
+    assert "starting a new one" in res["log"]
+
+
+def test_kill_both_holders_of_blocks(kafka_bootstrap, redis_url, app_id, new_topic, tmp_path):
+    # 3 workers replicate each block to the next one: killing two kills both copies of some
+    res = run_scenario(
+        kafka=kafka_bootstrap,
+        redis_url=redis_url,
+        app_id=app_id,
+        new_topic=new_topic,
+        tmp=tmp_path,
+        fault=_kill_workers(2),
+    )
+    assert res["status"]["stats"]["recomputed"] > 0
+
+
+def test_kill_two_of_four_workers(kafka_bootstrap, redis_url, app_id, new_topic, tmp_path):
+    res = run_scenario(
+        kafka=kafka_bootstrap,
+        redis_url=redis_url,
+        app_id=app_id,
+        new_topic=new_topic,
+        tmp=tmp_path,
+        fault=_kill_workers(2),
+        workers=4,
+    )
+    assert len(res["status"]["workers"]) == 4  # replaced, rejoined
+
+
+def test_kill_coordinator(kafka_bootstrap, redis_url, app_id, new_topic, tmp_path):
+    def fault(fleet: Fleet, port: int) -> None:
+        (pid,) = role_pids(fleet, "coordinator")
+        os.kill(pid, signal.SIGKILL)
+
+    res = run_scenario(
+        kafka=kafka_bootstrap,
+        redis_url=redis_url,
+        app_id=app_id,
+        new_topic=new_topic,
+        tmp=tmp_path,
+        fault=fault,
+    )
+    assert res["status"]["epoch"] >= 2
+
+
+def test_paused_worker_commits_nothing(kafka_bootstrap, redis_url, app_id, new_topic, tmp_path):
+    paused: list[int] = []
+
+    def fault(fleet: Fleet, port: int) -> None:
+        pid = role_pids(fleet, "worker")[0]
+        os.kill(pid, signal.SIGSTOP)
+        paused.append(pid)
+        # past its lease: the coordinator declares it lost and moves its work
+        wait_for(lambda: len(status(port)["workers"]) == 2, 30, "the pause to be noticed")
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGCONT)
+
+    res = run_scenario(
+        kafka=kafka_bootstrap,
+        redis_url=redis_url,
+        app_id=app_id,
+        new_topic=new_topic,
+        tmp=tmp_path,
+        fault=fault,
+    )
+    assert "was declared lost; rejoining" in res["log"]
+    assert len(res["status"]["workers"]) == 3  # it rejoined cleanly

@@ -1,0 +1,192 @@
+"""The scheduler state machine: events in, instructions out, no services and no clock."""
+
+from __future__ import annotations
+
+import operator
+
+from engine._graph import StreamingContext
+from engine._plan import Plan
+from engine._scheduler import (
+    CHECKPOINT,
+    BatchCompleted,
+    FreeBlocks,
+    LaunchTask,
+    ReadInput,
+    Replicate,
+    Scheduler,
+)
+
+
+def _plan(window: bool = False) -> Plan:
+    ssc = StreamingContext(1.0, num_partitions=2)
+    src = ssc.kafka_stream("t")
+    pairs = src.map(lambda x: (x, 1))
+    if window:
+        pairs.reduce_by_key_and_window(operator.add, operator.sub, 3, 1).foreach_batch(
+            lambda t, r: None
+        )
+    else:
+        pairs.reduce_by_key(operator.add).running_reduce(operator.add).foreach_batch(
+            lambda t, r: None
+        )
+    return Plan(ssc.nodes, {0: 2})
+
+
+def _seal(s: Scheduler, b: int, holders: dict[int, list[str]]) -> None:
+    s.add_batch(b, now=float(b))
+    for p, ws in holders.items():
+        for w in ws:
+            s.block_added(f"in/0/{b}/{p}", w, 100)
+
+
+def _drain(s: Scheduler, now: float = 100.0, fail: set[str] | None = None) -> list:
+    """Run every launched task to completion (outputs commit at once); return all events."""
+    seen: list = []
+    for _ in range(200):
+        out = s.tick(now)
+        seen.extend(out)
+        for i in out:
+            if isinstance(i, ReadInput):  # the shell re-reads it from Kafka
+                s.block_added(i.block_id, sorted(s.slots)[0], 10)
+        launches = [i for i in out if isinstance(i, LaunchTask)]
+        if not launches and not any(isinstance(i, ReadInput) for i in out):
+            return seen
+        for ins in launches:
+            if fail and ins.worker in fail:
+                continue
+            if ins.spec.kind == "output":
+                assert s.request_commit(ins.spec.id, ins.attempt) == "granted"
+            seen.extend(s.task_finished(ins.spec.id, ins.attempt, ins.worker, now + 0.01, 10))
+    raise AssertionError("scheduler did not settle")
+
+
+def test_a_batch_runs_and_completes_and_frees_its_blocks() -> None:
+    s = Scheduler(_plan(), first=0)
+    s.add_worker("a", 2)
+    s.add_worker("b", 2)
+    _seal(s, 0, {0: ["a", "b"], 1: ["b", "a"]})
+    events = _drain(s)
+    assert BatchCompleted(0) in events
+    freed = {bid for e in events if isinstance(e, FreeBlocks) for bid in e.block_ids}
+    assert "in/0/0/0" in freed and any(b.startswith("sh/") for b in freed)
+    # the state partitions are kept: batch 1 reads them
+    assert any(s.holders(f"rd/3/0/{p}") for p in range(2))
+
+
+def test_locality_prefers_the_holder_of_the_input() -> None:
+    s = Scheduler(_plan(), first=0)
+    s.add_worker("a", 4)
+    s.add_worker("b", 4)
+    _seal(s, 0, {0: ["a"], 1: ["b"]})
+    launches = [i for i in s.tick(0.0) if isinstance(i, LaunchTask)]
+    where = {i.spec.id: i.worker for i in launches}
+    assert where["sh/2/0/0/0"] == "a"
+    assert where["sh/2/0/0/1"] == "b"
+
+
+def test_lost_state_is_rebuilt_from_the_checkpoint_and_kafka() -> None:
+    s = Scheduler(_plan(), first=0)
+    s.add_worker("a", 4)
+    s.add_worker("b", 4)
+    for b in range(4):
+        _seal(s, b, {0: ["a", "b"], 1: ["b", "a"]})
+        _drain(s)
+    s.set_checkpoint(3, 0, 1)
+    s.set_checkpoint(3, 1, 1)
+    holders = {p: s.holders(f"rd/3/3/{p}") for p in range(2)}
+    lost = next(iter(holders[0]))
+    s.remove_worker(lost)
+    _seal(s, 4, {0: [w for w in ("a", "b") if w != lost], 1: [w for w in ("a", "b") if w != lost]})
+    assert CHECKPOINT in s.holders("rd/3/1/0")
+    first_tick = s.tick(50.0)
+    reads = {i.block_id for i in first_tick if isinstance(i, ReadInput)}
+    # the batches since the checkpoint are all asked for at once (recovered in parallel)
+    assert {"in/0/2/0", "in/0/2/1", "in/0/3/0", "in/0/3/1"} == reads
+    assert "in/0/1/0" not in reads  # the checkpoint at batch 1 stops the lineage
+    for i in first_tick:
+        if isinstance(i, LaunchTask):
+            s.task_finished(i.spec.id, i.attempt, i.worker, 50.1, 1)
+    for bid in reads:
+        s.block_added(bid, next(iter(s.slots)), 10)
+    events = _drain(s, 60.0)
+    assert BatchCompleted(4) in events
+    assert s.stats.recomputed > 0
+
+
+def test_outputs_commit_in_batch_order_and_once() -> None:
+    s = Scheduler(_plan(), first=0)
+    s.add_worker("a", 8)
+    _seal(s, 0, {0: ["a"], 1: ["a"]})
+    _seal(s, 1, {0: ["a"], 1: ["a"]})
+    launched = []
+    for _ in range(10):
+        for i in s.tick(0.0):
+            if isinstance(i, LaunchTask):
+                launched.append(i)
+                if i.spec.kind != "output":
+                    s.task_finished(i.spec.id, i.attempt, i.worker, 0.1, 1)
+    outs = [i for i in launched if i.spec.kind == "output"]
+    assert [o.spec.batch for o in outs] == [0]  # batch 1's output waits for batch 0's
+    assert s.request_commit(outs[0].spec.id, outs[0].attempt) == "granted"
+    assert s.request_commit(outs[0].spec.id, outs[0].attempt + 7) == "denied"
+
+
+def test_a_straggler_gets_a_speculative_copy_that_can_win() -> None:
+    s = Scheduler(_plan(), first=0, speculation=True, multiplier=1.4, quantile=0.5)
+    s.add_worker("fast", 4)
+    s.add_worker("slow", 4)
+    s.add_batch(0, 0.0)
+    for p in range(2):
+        s.block_added(f"in/0/0/{p}", "fast", 1)
+        s.block_added(f"in/0/0/{p}", "slow", 1)
+    first = [i for i in s.tick(0.0) if isinstance(i, LaunchTask)]
+    maps = [i for i in first if i.spec.kind == "map"]
+    assert len(maps) == 2
+    # equal locality: the second task goes to the worker with more free slots
+    fast = next(i for i in maps if i.worker == "fast")
+    slow = next(i for i in maps if i.worker == "slow")
+    s.task_finished(fast.spec.id, fast.attempt, "fast", 0.1, 1)
+    spec_launch = [i for i in s.tick(1.0) if isinstance(i, LaunchTask) and i.speculative]
+    assert [i.spec.id for i in spec_launch] == [slow.spec.id]
+    assert spec_launch[0].worker == "fast"
+    s.task_finished(slow.spec.id, spec_launch[0].attempt, "fast", 1.2, 1)
+    assert s.stats.speculative_launched == 1 and s.stats.speculative_won == 1
+    # the original attempt finishing later is discarded and its block freed
+    late = s.task_finished(slow.spec.id, slow.attempt, "slow", 3.0, 1)
+    assert late == [FreeBlocks("slow", (slow.spec.id,))]
+
+
+def test_losing_a_worker_rereplicates_its_inputs() -> None:
+    s = Scheduler(_plan(), first=0)
+    for w in ("a", "b", "c"):
+        s.add_worker(w, 2)
+    s.add_batch(0, 0.0)
+    s.block_added("in/0/0/0", "a", 1)
+    s.block_added("in/0/0/0", "b", 1)
+    out = s.remove_worker("a")
+    assert out == [Replicate("in/0/0/0", "b", "c")]
+
+
+def test_failed_tasks_back_off() -> None:
+    s = Scheduler(_plan(), first=0)
+    s.add_worker("a", 4)
+    _seal(s, 0, {0: ["a"], 1: ["a"]})
+    ins = next(i for i in s.tick(0.0) if isinstance(i, LaunchTask))
+    s.task_failed(ins.spec.id, ins.attempt, "a", now=0.0)
+    again = [i.spec.id for i in s.tick(0.01) if isinstance(i, LaunchTask)]
+    assert ins.spec.id not in again
+    later = [i.spec.id for i in s.tick(1.0) if isinstance(i, LaunchTask)]
+    assert ins.spec.id in later
+
+
+def test_output_partitions_are_pinned_to_one_worker() -> None:
+    s = Scheduler(_plan(), first=0)
+    s.add_worker("a", 4)
+    s.add_worker("b", 4)
+    homes = set()
+    for b in range(3):
+        _seal(s, b, {0: ["a", "b"], 1: ["a", "b"]})
+        for e in _drain(s, float(b)):
+            if isinstance(e, LaunchTask) and e.spec.kind == "output":
+                homes.add(e.worker)
+    assert len(homes) == 1

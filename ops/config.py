@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DSTREAM_", frozen=True, extra="forbid")
 
     kafka_bootstrap: str = "127.0.0.1:9092"
-    kafka_config: dict[str, str] = Field(default_factory=dict)
+    kafka_config: dict[str, str] = Field(default_factory=dict, repr=False)  # may hold secrets
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     redis_password: SecretStr = SecretStr("")
     app_id: str = ""
@@ -145,4 +145,9 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**clean)
     except Exception as e:  # pydantic.ValidationError carries every offending value
         msg = f"invalid settings: {e}"
+        if "kafka_config" in str(e):
+            msg += (
+                "; DSTREAM_KAFKA_CONFIG must be a JSON object of librdkafka settings, "
+                'e.g. {"security.protocol": "SASL_SSL"}'
+            )
         raise ConfigError(msg) from e

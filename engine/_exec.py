@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import orjson
 
 from engine._codec import CodecError, normalize, pack, stable_hash, unpack
 from engine._graph import TIMEOUT, Node
@@ -185,7 +186,7 @@ def _decode_source(n: Node, raw: Any, ctx: _Ctx) -> Iterator[Any]:
     name = f"{n.name}.decode"
     loads: Callable[[Any], Any]
     if fmt == "json":
-        loads = json.loads
+        loads = orjson.loads
     elif fmt == "msgpack":
         loads = _msgpack_value
     else:
@@ -195,7 +196,13 @@ def _decode_source(n: Node, raw: Any, ctx: _Ctx) -> Iterator[Any]:
         ctx.coords = (topic, partition, off)
         try:
             value = loads(v)
-        except (ValueError, TypeError, msgpack.UnpackException, CodecError) as e:
+        except (
+            ValueError,
+            TypeError,
+            msgpack.UnpackException,
+            CodecError,
+            orjson.JSONDecodeError,
+        ) as e:
             ctx.dead_letter(name, e, v)
             continue
         if meta:
@@ -334,20 +341,30 @@ class Executor:
             else None
         )
         if combine is not None:
-            dicts: list[dict[Any, Any]] = [{} for _ in range(nparts)]
+            # map-side combine first, then hash each distinct key once (not each record)
+            combined: dict[Any, Any] = {}
             for x in records:
                 try:
                     key, v = x
-                    d = dicts[stable_hash(key) % nparts]
-                    d[key] = combine(d[key], v) if key in d else v
+                    combined[key] = combine(combined[key], v) if key in combined else v
                 except Exception as e:
                     ctx.dead_letter(n.name, e, x)
-            return [pack(list(d.items())) for d in dicts]
+            items: list[list[Any]] = [[] for _ in range(nparts)]
+            for key, v in combined.items():
+                try:
+                    items[stable_hash(key) % nparts].append((key, v))
+                except Exception as e:
+                    ctx.dead_letter(n.name, e, (key, v))
+            return [pack(bucket) for bucket in items]
         lists: list[list[Any]] = [[] for _ in range(nparts)]
+        hashes: dict[Any, int] = {}
         for x in records:
             try:
                 key, v = x
-                lists[stable_hash(key) % nparts].append((key, v))
+                h = hashes.get(key)
+                if h is None:
+                    h = hashes[key] = stable_hash(key) % nparts
+                lists[h].append((key, v))
             except Exception as e:
                 ctx.dead_letter(n.name, e, x)
         return [pack(bucket) for bucket in lists]

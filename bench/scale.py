@@ -58,8 +58,9 @@ def build_plan(workers: int, reduce_per_worker: int) -> tuple[Plan, int]:
 class BatchTooSlow(Exception):
     """A batch did not complete within the time cap."""
 
-    def __init__(self, seconds: float, finished: int, tasks: int) -> None:
+    def __init__(self, seconds: float, finished: int, tasks: int, first: float) -> None:
         super().__init__(f"{finished}/{tasks} tasks finished after {seconds:.0f} s")
+        self.first = first
         self.seconds = seconds
         self.finished = finished
         self.tasks = tasks
@@ -114,7 +115,12 @@ class SimCoordinator:
         done = self._apply(self.sched.tick(self.now()), running)
         while running and not done:
             if time.perf_counter() - t0 > cap:
-                raise BatchTooSlow(time.perf_counter() - t0, self.tasks_done - done0, len(specs))
+                raise BatchTooSlow(
+                    time.perf_counter() - t0,
+                    self.tasks_done - done0,
+                    len(specs),
+                    first_launch or 0.0,
+                )
             if first_launch is None:
                 first_launch = time.perf_counter() - t0
             ins = running.popleft()
@@ -150,7 +156,7 @@ def measure(
                 "batches": 0,
                 "p50": e.seconds,
                 "p99": e.seconds,
-                "first_p50": c.pct(firsts, 0.5),
+                "first_p50": e.first,
                 "tasks_per_s": e.finished / e.seconds,
                 "delays": [],
                 "incomplete": f"batch {b}: {e}",

@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 from engine._plan import Plan, TaskSpec, block_batch
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
+#: How often stragglers are looked for: often enough to react within a fraction of a
+#: 100 ms batch, rarely enough that it costs nothing next to task bookkeeping.
+SPECULATION_EVERY_S = 0.02
+#: Tasks with more inputs than this are placed by free slots only (no locality scoring).
+LOCALITY_MAX_INPUTS = 32
 #: Pseudo-holder of state blocks that can be loaded from the checkpoint store.
 CHECKPOINT = "@checkpoint"
 
@@ -86,6 +91,12 @@ class _Task:
     speculative_attempts: set[int] = field(default_factory=set)
     failures: int = 0
     not_before: float = 0.0
+    blocked: bool = False
+    #: inputs still awaited while parked (the task wakes when it reaches 0)
+    awaiting: int = 0
+    #: the scheduler's loss count when the task was parked: if no block was lost since,
+    #: a task woken with nothing awaited is known ready without scanning its inputs again
+    parked_at_loss: int = -1
 
 
 @dataclass
@@ -150,12 +161,65 @@ class Scheduler:
         #: last complete checkpoint batch per (node, partition)
         self.checkpoints: dict[tuple[int, int], int] = {}
         self._plans: dict[int, dict[str, TaskSpec]] = {}
+        #: PENDING tasks a tick must look at; PENDING tasks known to wait for a block sit in
+        #: ``_blocked`` instead, and come back when that block arrives (event-driven
+        #: readiness: a tick costs O(ready tasks), not O(all pending tasks))
+        self._pending: dict[str, _Task] = {}
+        self._pending_sorted = True
+        self._losses = 0
+        self._blocked: dict[str, _Task] = {}
+        self._waiters: dict[str, list[_Task]] = {}
+        self._last_speculation = float("-inf")
+        self._sorted_workers: list[str] | None = None
         #: worker that last committed each output partition: its transactional producer is
         #: warm, and moving the partition would fence it (a Kafka round of init)
         self.output_owner: dict[tuple[int, int], str] = {}
 
+    def _set(self, t: _Task, status: str) -> None:
+        """Change a task's status, keeping the index of pending tasks in step."""
+        t.status = status
+        self._blocked.pop(t.spec.id, None)
+        t.blocked = False
+        if status == PENDING:
+            self._pending[t.spec.id] = t
+            self._pending_sorted = False
+        else:
+            self._pending.pop(t.spec.id, None)
+
+    def _block(self, t: _Task, missing: list[str]) -> None:
+        """Park a pending task until every block in *missing* is added."""
+        t.blocked = True
+        t.parked_at_loss = self._losses
+        waits = set(missing)
+        t.awaiting = len(waits)
+        self._pending.pop(t.spec.id, None)
+        self._blocked[t.spec.id] = t
+        for bid in waits:
+            self._waiters.setdefault(bid, []).append(t)
+
+    def _wake(self, bid: str) -> None:
+        for t in self._waiters.pop(bid, ()):
+            if t.blocked and t.status == PENDING:
+                t.awaiting -= 1
+                if t.awaiting <= 0:
+                    t.blocked = False
+                    self._blocked.pop(t.spec.id, None)
+                    self._pending[t.spec.id] = t
+                    self._pending_sorted = False
+
+    def _wake_all(self) -> None:
+        """Membership or checkpoints changed: every parked task looks again."""
+        for t in list(self._blocked.values()):
+            t.blocked = False
+            t.parked_at_loss = -1
+            self._pending[t.spec.id] = t
+            self._pending_sorted = False
+        self._blocked.clear()
+        self._waiters.clear()
+
     # -- membership ------------------------------------------------------------------------
     def add_worker(self, worker: str, slots: int) -> None:
+        self._sorted_workers = None
         self.slots[worker] = slots
         self.busy.setdefault(worker, 0)
 
@@ -166,7 +230,10 @@ class Scheduler:
         still needed has two holders (lost state is rebuilt from lineage instead).
         """
         self.slots.pop(worker, None)
+        self._sorted_workers = None
         self.busy.pop(worker, None)
+        self._losses += 1
+        self._wake_all()
         out: list[Instruction] = []
         live = sorted(self.slots)
         for bid, holders in self.locations.items():
@@ -184,13 +251,16 @@ class Scheduler:
                 if t.committer == a:
                     t.committer = None
             if t.status == RUNNING and not t.attempts:
-                t.status = PENDING
+                self._set(t, PENDING)
                 self.stats.retried += 1
         return out
 
     @property
     def workers(self) -> list[str]:
-        return sorted(self.slots)
+        """Live workers, sorted (cached: membership changes rarely, ticks often)."""
+        if self._sorted_workers is None or len(self._sorted_workers) != len(self.slots):
+            self._sorted_workers = sorted(self.slots)
+        return self._sorted_workers
 
     # -- blocks ----------------------------------------------------------------------------
     def block_added(self, block_id: str, worker: str, size: int = 0) -> None:
@@ -199,6 +269,7 @@ class Scheduler:
             self.locations.setdefault(block_id, set()).add(worker)
             if size:
                 self.sizes[block_id] = size
+            self._wake(block_id)
 
     def read_failed(self, block_id: str) -> None:
         """Re-reading an input block failed: ask again at the next tick."""
@@ -206,6 +277,7 @@ class Scheduler:
 
     def block_lost(self, block_id: str, worker: str) -> None:
         """A fetch found *block_id* missing on *worker*."""
+        self._losses += 1
         self.locations.get(block_id, set()).discard(worker)
 
     def holders(self, block_id: str) -> set[str]:
@@ -216,7 +288,7 @@ class Scheduler:
         return held
 
     def _checkpointed(self, block_id: str) -> bool:
-        if not block_id.startswith("rd/"):
+        if not self.checkpoints or not block_id.startswith("rd/"):
             return False
         _, node, b, p = block_id.split("/")
         return self.checkpoints.get((int(node), int(p))) == int(b)
@@ -228,6 +300,7 @@ class Scheduler:
         """State of (node, part) at *batch* is in the checkpoint store (lineage stops there)."""
         if batch > self.checkpoints.get((node, part), -1):
             self.checkpoints[(node, part)] = batch
+            self._wake_all()
 
     # -- batches ---------------------------------------------------------------------------
     def add_batch(self, b: int, now: float) -> list[TaskSpec]:
@@ -235,8 +308,11 @@ class Scheduler:
         specs = self.plan.tasks_for_batch(b, self.first)
         ids: list[str] = []
         outputs: set[str] = set()
+        if any(p.spec.batch > b for p in self._pending.values()):
+            self._pending_sorted = False
         for s in specs:
-            self.tasks[s.id] = _Task(s)
+            self.tasks[s.id] = task = _Task(s)
+            self._pending[s.id] = task
             ids.append(s.id)
             if s.kind == "output":
                 outputs.add(s.id)
@@ -290,7 +366,7 @@ class Scheduler:
             return out
         w, t0 = t.attempts.pop(attempt)
         self.busy[w] = max(0, self.busy.get(w, 1) - 1)
-        t.status = DONE
+        self._set(t, DONE)
         t.duration = now - t0
         if attempt in t.speculative_attempts:
             self.stats.speculative_won += 1
@@ -335,7 +411,7 @@ class Scheduler:
         if t.committer == attempt:
             t.committer = None
         if t.status == RUNNING and not t.attempts:
-            t.status = PENDING
+            self._set(t, PENDING)
             self.stats.retried += 1
             if not missing:
                 t.failures += 1
@@ -351,6 +427,8 @@ class Scheduler:
                 break
             for x in self.batches.pop(ob).tasks:
                 self.tasks.pop(x, None)
+                self._pending.pop(x, None)
+                self._blocked.pop(x, None)
         for tid in [x for x, t in self.lineage.items() if t.status == DONE]:
             if self.plan.freeable(tid, done_upto):
                 del self.lineage[tid]
@@ -377,9 +455,6 @@ class Scheduler:
         return max(self.completed) if self.completed else self.first - 1
 
     # -- launching -------------------------------------------------------------------------
-    def _missing_inputs(self, t: _Task) -> list[str]:
-        return [bid for bid, _ in t.spec.inputs if not self._available(bid)]
-
     def tick(self, now: float) -> list[Instruction]:
         """Launch ready tasks into free slots (locality first), then speculative copies."""
         out: list[Instruction] = []
@@ -388,21 +463,37 @@ class Scheduler:
         free = {w: self.slots[w] - self.busy.get(w, 0) for w in self.slots}
         if not any(v > 0 for v in free.values()):
             return out
-        lineage = sorted(self.lineage.values(), key=lambda t: t.spec.batch)
-        queue = [(t.spec.id, t) for t in lineage] + [
-            (tid, self.tasks.get(tid))
-            for b in sorted(self.batches)
-            for tid in self.batches[b].tasks
-        ]
-        for _tid, t in queue:
-            if t is None or t.status != PENDING or t.not_before > now:
+        # lineage (recovery) tasks first, then by batch: older work unblocks newer work
+        if not self._pending_sorted:
+            order = sorted(
+                self._pending.values(),
+                key=lambda t: (t.spec.id not in self.lineage, t.spec.batch),
+            )
+            self._pending = {t.spec.id: t for t in order}
+            self._pending_sorted = True
+        for t in list(self._pending.values()):
+            if t.status != PENDING or t.blocked or t.not_before > now:
                 continue
             if t.spec.kind == "output" and self._earlier_output_pending(t.spec):
                 continue
-            missing = self._missing_inputs(t)
+            if t.awaiting == 0 and t.parked_at_loss == self._losses:
+                missing = []  # woken with everything it awaited, and nothing lost since
+            else:
+                locs = self.locations
+                missing = [
+                    bid
+                    for bid, _ in t.spec.inputs
+                    if not locs.get(bid) and not self._checkpointed(bid)
+                ]
+            t.parked_at_loss = -1
             if missing:
+                # every lost input at once, so that recovery of all of them (other
+                # partitions, other batches) starts in parallel; then park the task
                 out.extend(self._recompute(missing))
-                continue
+                missing = [bid for bid in missing if not self._available(bid)]
+                if missing:
+                    self._block(t, missing)
+                    continue
             if t.spec.kind == "output":
                 # output partitions are pinned to one worker: its transactional producer
                 # stays warm and no other worker fences it; moved only when it is lost
@@ -416,7 +507,8 @@ class Scheduler:
                 return out
             out.append(self._launch(t, w, now, speculative=False))
             free[w] -= 1
-        if self.speculation:
+        if self.speculation and now - self._last_speculation >= SPECULATION_EVERY_S:
+            self._last_speculation = now
             out.extend(self._speculate(now, free))
         return out
 
@@ -424,7 +516,7 @@ class Scheduler:
         key = (spec.node, spec.part)
         home = self.output_owner.get(key)
         if home not in self.slots:
-            live = sorted(self.slots)
+            live = self.workers
             home = live[zlib.crc32(f"{spec.node}/{spec.part}".encode()) % len(live)]
             self.output_owner[key] = home
         return home
@@ -433,7 +525,7 @@ class Scheduler:
         a = t.next_attempt
         t.next_attempt += 1
         t.attempts[a] = (w, now)
-        t.status = RUNNING
+        self._set(t, RUNNING)
         self.busy[w] = self.busy.get(w, 0) + 1
         self.stats.launched += 1
         batch = self.batches.get(t.spec.batch)
@@ -444,19 +536,27 @@ class Scheduler:
     def _pick_worker(
         self, spec: TaskSpec, free: dict[str, int], exclude: Iterable[str] = ()
     ) -> str | None:
+        """The free worker holding most input bytes; else the one with most free slots.
+
+        Ties go to more free slots, then to the first worker by name (deterministic).
+        Costs O(holders of the inputs), plus O(workers) only when no holder is free.
+        """
         ex = set(exclude)
+        scores: dict[str, int] = {}
+        # a task reading many blocks (a reduce over every map output) has no useful
+        # locality: its inputs are everywhere (as in Spark, which skips it too)
+        inputs = spec.inputs if len(spec.inputs) <= LOCALITY_MAX_INPUTS else ()
+        for bid, _ in inputs:
+            size = self.sizes.get(bid, 1)
+            for w in self.locations.get(bid, ()):
+                if free.get(w, 0) > 0 and w not in ex:
+                    scores[w] = scores.get(w, 0) + size
+        if scores:
+            return max(sorted(scores), key=lambda w: (scores[w], free[w]))
         best: str | None = None
-        best_score = -1
-        for w in sorted(free):
-            if free[w] <= 0 or w in ex:
-                continue
-            score = sum(
-                self.sizes.get(bid, 1) for bid, _ in spec.inputs if w in self.locations.get(bid, ())
-            )
-            if score > best_score or (
-                score == best_score and best is not None and free[w] > free[best]
-            ):
-                best, best_score = w, score
+        for w in self.workers:
+            if free.get(w, 0) > 0 and w not in ex and (best is None or free[w] > free[best]):
+                best = w
         return best
 
     def _recompute(self, missing: list[str]) -> list[Instruction]:
@@ -491,13 +591,16 @@ class Scheduler:
                 return
             t = _Task(spec)
             self.lineage[bid] = t
+            self._pending[bid] = t
+            self._pending_sorted = False
             self.stats.recomputed += 1
         elif t.status == DONE:
-            t.status = PENDING
+            self._set(t, PENDING)  # its block was lost: run it again
             self.stats.recomputed += 1
-        if t.status == PENDING:
-            for ibid, _ in t.spec.inputs:
-                self._ensure(ibid, out, seen)
+        else:
+            return  # pending or running: the block is on its way, not lost
+        for ibid, _ in t.spec.inputs:
+            self._ensure(ibid, out, seen)
 
     def _spec_for(self, bid: str) -> TaskSpec | None:
         b = block_batch(bid)

@@ -45,6 +45,7 @@ def _start_redis(tmp: Path, port: int) -> subprocess.Popen[bytes]:
     raise AssertionError("redis did not start")
 
 
+@pytest.mark.timeout(300)
 def test_redis_restart_mid_run(kafka_bootstrap, app_id, new_topic, tmp_path):
     port = free_port()
     procs = [_start_redis(tmp_path, port)]
@@ -81,6 +82,7 @@ def private_kafka(tmp_path: Path):
         h.stop()
 
 
+@pytest.mark.timeout(420)
 def test_kafka_broker_restart_mid_run(private_kafka, redis_url, app_id, tmp_path):
     from confluent_kafka.admin import AdminClient, NewTopic
 

@@ -183,13 +183,6 @@ def test_fleet_ran_and_stopped(golden_run: GoldenRun) -> None:
     assert golden_run.exit_code == 0, golden_run.log
 
 
-@pytest.mark.xfail(
-    reason="fleet bug: an output partition's task placed on a worker other than the last "
-    "committer re-inits the transactional producer and fences the other worker's one "
-    "(ops/sinks.py FleetSinks._producer, engine/_scheduler.py _pick_worker); retried, so "
-    "results stay exact, but each fence costs a failed attempt and a ~0.7 s init",
-    strict=False,
-)
 def test_no_output_task_was_fenced(golden_run: GoldenRun) -> None:
     fenced = [line for line in golden_run.log.splitlines() if "WARNING task out/" in line]
     assert not [line for line in fenced if "fenced" in line], "\n".join(fenced)

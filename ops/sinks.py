@@ -15,6 +15,7 @@ An output task commits only after the coordinator granted it the commit right of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -35,9 +36,9 @@ log = logging.getLogger("dstream.sinks")
 
 #: librdkafka transaction timeout: long enough for a slow batch, short enough that a dead
 #: producer's open transaction is aborted by the broker soon after.
-TXN_TIMEOUT_MS = 60_000
+TXN_TIMEOUT_MS = 20_000
 #: Bound on Kafka client calls (init/commit/committed) before the task fails and is retried.
-KAFKA_CALL_TIMEOUT_S = 30.0
+KAFKA_CALL_TIMEOUT_S = 10.0
 
 
 def _json(x: Any) -> bytes:
@@ -182,16 +183,16 @@ class FleetSinks(SinkEnv):
             err = e.args[0] if e.args else None
             if err is not None and err.retriable():
                 self._kafka_state(ok=False, why=str(err))
-            fatal = bool(err is not None and err.fatal())
-            abortable = bool(err is not None and err.txn_requires_abort())
-            if abortable:
-                try:
+            if err is not None and err.txn_requires_abort():
+                with contextlib.suppress(KafkaException):
                     producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
-                except KafkaException:
-                    fatal = True
-            if fatal or not abortable:
-                with self._lock:  # fenced or broken: a fresh producer next time
-                    self._producers.pop((node.id, spec.part), None)
+            # whatever went wrong (fenced, broker restarted mid-transaction, timeout), the
+            # next attempt starts from a fresh producer: its init_transactions aborts
+            # anything this one left open, so no half-written batch can linger
+            with self._lock:
+                self._producers.pop((node.id, spec.part), None)
+            with contextlib.suppress(Exception):
+                marker.close()
             if err is not None and "fenced" in str(err).lower():
                 msg = f"{node.name} partition {spec.part}: {err}"
                 raise FencedError(msg) from e
@@ -203,12 +204,12 @@ class FleetSinks(SinkEnv):
         """The marker group's committed offset, retrying transient coordinator errors."""
         from confluent_kafka import KafkaException
 
-        for attempt in range(20):
+        for attempt in range(6):
             try:
-                return marker.committed([tp], timeout=KAFKA_CALL_TIMEOUT_S)[0].offset  # type: ignore[no-any-return]
+                return marker.committed([tp], timeout=5.0)[0].offset  # type: ignore[no-any-return]
             except KafkaException as e:
                 err = e.args[0] if e.args else None
-                if err is None or not err.retriable() or attempt == 19:
+                if err is None or not err.retriable() or attempt == 5:
                     raise
                 time.sleep(0.1 * (attempt + 1))
         return None

@@ -92,7 +92,18 @@ def run_scenario(
                 last[k] = max(last.get(k, 0), json.loads(m.value()))
             return last == dict(expected)
 
-        wait_for(caught_up, catch_up_s, "the output to catch up with the input", every=1.0)
+        try:
+            wait_for(caught_up, catch_up_s, "the output to catch up with the input", every=1.0)
+        except AssertionError as e:
+            tail = "\n".join(
+                line for line in fleet.log.splitlines() if not line.startswith("%")
+            )[-6000:]
+            try:
+                st = status(port)
+                state = {k: st[k] for k in ("pending", "stats", "next_batch")}
+            except OSError as err:
+                state = {"status": str(err)}
+            raise AssertionError(f"{e}\nstatus: {state}\nfleet log (tail):\n{tail}") from None
         final = status(port)
         fleet.interrupt()
         log = fleet.log

@@ -8,8 +8,9 @@ For each checkpoint interval (``--checkpoints``, default 2, 10 and 30 batches, i
 2. ``ops.produce.produce_pageviews`` in a thread of this process at ``--rate`` (default
    20% of the fleet's measured maximum, :func:`bench._common.max_rate`) for the whole run;
 3. ``/api/status`` polled every 0.1 s (worker ids, batches);
-4. after ``--warmup`` + ``--steady`` seconds, ``kill -9`` of one worker process (a child of
-   ``dstream run`` whose argv holds ``worker``; ``dstream run`` starts a new one);
+4. after ``--warmup`` + ``--steady`` seconds, at the next batch just before a checkpoint
+   (worst case), ``kill -9`` of the worker process that ran the most reduce/state tasks (a
+   child of ``dstream run`` whose argv holds ``worker``; ``dstream run`` starts a new one);
 5. the producer goes on for ``--after`` seconds, then the fleet catches up and the final
    count per url in the output topic (``read_committed``, last value by batch) is compared
    with the count of the input topic's records per url (the message key is the url).
@@ -200,7 +201,7 @@ def one_run(args: argparse.Namespace, rate: float, every: int) -> dict[str, Any]
     }
     from ops.produce import produce_pageviews
 
-    duration = args.warmup + args.steady + args.after
+    duration = args.warmup + args.steady + every * args.interval + args.after
     produced: dict[str, Any] = {}
 
     def feed() -> None:
@@ -218,6 +219,14 @@ def one_run(args: argparse.Namespace, rate: float, every: int) -> dict[str, Any]
         t_start = time.time()
         feeder.start()
         time.sleep(args.warmup + args.steady)
+        # kill just before the next checkpoint (the worst case: every - 1 batches of state
+        # to rebuild); workers checkpoint after batch b when (b + 1) % every == 0
+        until = time.monotonic() + every * args.interval + 5
+        while time.monotonic() < until:
+            nb = poller.last.get("next_batch", 0)
+            if every <= 1 or (nb % every == every - 1 and nb >= every - 1):
+                break
+            time.sleep(0.05)
         workers = f.roles()["worker"]
         ids_at_kill = set(poller.samples[-1][1]) if poller.samples else set()
         stats_before = dict(poller.last.get("stats", {}))
@@ -341,9 +350,11 @@ def report(runs: list[dict[str, Any]], rate: float, source: str, args: argparse.
         f"Fleet: `{APP}` (running count per url, `to_kafka`), {args.workers} workers, "
         f"{args.interval:g} s batches, {args.partitions} input partitions, {args.keys} urls; "
         f"input: `ops.produce.produce_pageviews` in a thread of the bench at {rate:,.0f} "
-        f"records/s ({source}) for {args.warmup + args.steady + args.after:g} s; "
-        f"`kill -9` of one worker {args.warmup + args.steady:g} s after the input starts "
-        f"(`dstream run` starts a replacement). `/api/status` polled every 0.1 s. "
+        f"records/s ({source}) until {args.after:g} s after the kill; `kill -9` of the "
+        "worker that ran the most "
+        f"state/reduce tasks, at the first batch >= {args.warmup + args.steady:g} s after the "
+        "input starts that is just before a checkpoint (worst case: every - 1 batches of state "
+        "to rebuild; `dstream run` starts a replacement). `/api/status` polled every 0.1 s. "
         f"Detection = kill to the first poll without the killed worker's id; normal = median "
         f"total delay of the batches completed in the {args.steady:g} s before the kill; "
         f"abnormal = above {ABNORMAL}x normal; back to normal = kill to the completion of the "

@@ -2,7 +2,9 @@
 
 Order: throughput (it measures the maximum rate the others scale from), latency, smallest
 stable interval, memory soak (``--soak-minutes``, 3 by default under ``make bench``; the
-full figure is ``python -m bench.soak --minutes 10``), coordinator scale, worker profile.
+full figure is ``python -m bench.soak --minutes 10``), coordinator scale, worker profile,
+recovery from a killed worker (checkpoints every 2, 10, 30 batches), straggler with and
+without speculation.
 Each step writes a markdown fragment and its PNGs into ``bench/results/``; a step that
 fails is reported as failed and the others still run. Needs ``dstream dev up`` (the
 ``make bench`` target starts it).
@@ -23,7 +25,16 @@ from collections.abc import Callable
 
 from bench import _common as c
 
-STEPS = ("throughput", "latency", "interval", "soak", "scale", "profile")
+STEPS = (
+    "throughput",
+    "latency",
+    "interval",
+    "soak",
+    "scale",
+    "profile",
+    "recovery",
+    "straggler",
+)
 
 
 def _commit() -> str:
@@ -55,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     q = args.quick
-    from bench import interval, latency, profile_fleet, scale, soak, throughput
+    from bench import interval, latency, profile_fleet, recovery, scale, soak, straggler, throughput
 
     plan: dict[str, tuple[Callable[[list[str]], int], list[str]]] = {
         "throughput": (throughput.main, ["--records", "400000" if q else "2000000"]),
@@ -64,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         "soak": (soak.main, ["--minutes", "1.2" if q else f"{args.soak_minutes:g}"]),
         "scale": (scale.main, ["--workers", "50,100" if q else "50,100,200,400"]),
         "profile": (profile_fleet.main, ["--seconds", "10"]),
+        "recovery": (
+            recovery.main,
+            ["--checkpoints", "2,10", "--steady", "8", "--after", "12"] if q else [],
+        ),
+        "straggler": (straggler.main, ["--seconds", "10" if q else "20"]),
     }
     status: dict[str, str] = {}
     c.print_machine()
@@ -105,7 +121,7 @@ def write_report(status: dict[str, str], commit: str, seconds: float, args: obje
     summary = c.RESULTS / "SUMMARY.md"
     if summary.exists():
         parts += [summary.read_text(), ""]
-    for frag in ("throughput", "latency", "interval", "soak", "scale", "profile"):
+    for frag in STEPS:
         f = c.RESULTS / f"{frag}.md"
         if f.exists():
             parts += [f.read_text(), ""]

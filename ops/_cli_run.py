@@ -175,6 +175,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if code == 0:  # asked to stop (SIGTERM/SIGINT): the fleet is stopping
                     log.info("%s stopped; stopping the fleet", name)
                     return 0
+                if name == "coordinator" and code == 3:  # the app failed (fail_on_error)
+                    log.error("the app failed; stopping the fleet")
+                    return code
                 # a crashed process is replaced, as a Kubernetes controller would: the
                 # fleet recovers its work; only a crash loop stops everything
                 now = time.monotonic()

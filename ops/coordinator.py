@@ -43,6 +43,8 @@ log = logging.getLogger("dstream.coordinator")
 #: Seal calls wait this long for a worker; a worker slower than that is treated as lost
 #: for this batch (its partitions' records simply land in its next block).
 SEAL_TIMEOUT_S = 10.0
+#: Exit code of a coordinator whose app failed (fail_on_error): not restarted.
+APP_FAILED = 3
 #: Pseudo block id under which a batch's wall-clock time is logged with its ranges.
 TIME_KEY = "@time"
 
@@ -129,6 +131,7 @@ class Coordinator:
         self.max_keep = max(self.plan.keep.values(), default=0)
         #: records per partition per batch (None: the workers' configured cap)
         self.rate_cap: int | None = None
+        self.failed: str | None = None
         #: (time a loss was detected, batch that must complete for recovery to be over)
         self.recovering: tuple[float, int] | None = None
         self.under_replicated = 0
@@ -247,6 +250,12 @@ class Coordinator:
         if method == "task_done":
             return self._task_done(params)
         if method == "task_failed":
+            if str(params.get("error", "")).startswith("UserFunctionError"):
+                # fail_on_error: the app stops with the error and the record's coordinates
+                log.error("app failed: task %s: %s", params["task"], params["error"])
+                self.failed = str(params["error"])
+                self.stopping.set()
+                return True
             with self.lock:
                 self.scheduler.task_failed(
                     params["task"],
@@ -328,11 +337,16 @@ class Coordinator:
             self.recovering = (time.monotonic(), self.next_batch)
         self._dispatch()
 
-    def _assign_partitions(self) -> None:
-        """Balanced round-robin of input partitions over live workers; kept where possible."""
+    def _assign_partitions(self) -> list[tuple[WorkerInfo, dict[str, Any]]]:
+        """Balanced round-robin of input partitions over live workers; kept where possible.
+
+        Called with the lock held; returns the ``assign`` calls to make, which the caller
+        sends after releasing the lock (and before the next seal, which keeps offsets exact).
+        """
         workers = sorted(self.workers)
+        calls: list[tuple[WorkerInfo, dict[str, Any]]] = []
         if not workers:
-            return
+            return calls
         parts = sorted(self.positions)
         new: dict[tuple[int, int], str] = {}
         load = dict.fromkeys(workers, 0)
@@ -357,11 +371,21 @@ class Coordinator:
             params: dict[str, Any] = {"parts": per[w], "peers": peers}
             if self.settings.max_records_per_partition:
                 params["max_records"] = self.settings.max_records_per_partition
-            try:
-                self.workers[w].client.call("assign", params, timeout=SEAL_TIMEOUT_S)
-            except RpcError as e:
-                log.warning("assigning partitions to %s failed: %s", w, e)
+            calls.append((self.workers[w], params))
         self._assignment_dirty = False
+        return calls
+
+    def _send_assignments(self, calls: list[tuple[WorkerInfo, dict[str, Any]]]) -> None:
+        """Send ``assign`` to every worker at once, outside the lock; wait for all."""
+        futures = [
+            (w, self.io.submit(w.client.call, "assign", params, SEAL_TIMEOUT_S))
+            for w, params in calls
+        ]
+        for w, f in futures:
+            try:
+                f.result()
+            except Exception as e:
+                log.warning("assigning partitions to %s failed: %s", w.id, e)
 
     # -- the batch clock -------------------------------------------------------------------
     def _clock(self) -> None:
@@ -373,7 +397,9 @@ class Coordinator:
                 break
             time.sleep(0.05)
         with self.lock:
-            self._assign_partitions()
+            calls = self._assign_partitions()
+        self._send_assignments(calls)
+        with self.lock:
             self._replay_logged()
         start = time.time()
         k = 0
@@ -454,9 +480,10 @@ class Coordinator:
             metrics.BATCH_RECORDS.observe(info.records)
             self.scheduler.add_batch(b, info.sealed_at)
             metrics.BATCHES_PENDING.set(len(self.scheduler.batches))
-            if self._assignment_dirty:
-                self._assign_partitions()
+            calls = self._assign_partitions() if self._assignment_dirty else []
             self._dispatch()
+        if calls:
+            self._send_assignments(calls)
 
     # -- scheduling ------------------------------------------------------------------------
     def _dispatch(self) -> None:
@@ -585,7 +612,7 @@ class Coordinator:
         except RpcError as e:
             log.info("launch of %s on %s failed: %s", task_id, w.id, e)
             with self.lock:
-                self.scheduler.task_failed(task_id, attempt, w.id)
+                self.scheduler.task_failed(task_id, attempt, w.id, now=time.monotonic())
                 self._dispatch()
 
     def _task_done(self, p: dict[str, Any]) -> bool:
@@ -744,6 +771,8 @@ def run_coordinator(settings: Settings, app_path: str, app_id: str, expect_worke
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     c.start()
-    done.wait()
+    while not done.wait(0.2):
+        if c.failed is not None:
+            break
     c.stop()
-    return 0
+    return APP_FAILED if c.failed is not None else 0

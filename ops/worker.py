@@ -441,6 +441,10 @@ class Worker:
         except FencedError as e:  # another attempt or worker owns the output: retry is safe
             log.warning("task %s attempt %d fenced: %s", spec.id, attempt, e)
             self._report_failure(spec, attempt, f"fenced: {e}", None)
+        except DStreamError as e:  # an expected failure (a sink or dependency): one line
+            if not self.stopping.is_set():
+                log.warning("task %s attempt %d failed: %s", spec.id, attempt, e)
+                self._report_failure(spec, attempt, f"{type(e).__name__}: {e}", None)
         except Exception as e:
             if self.stopping.is_set():
                 return  # shutting down: the coordinator reruns what did not finish

@@ -232,6 +232,7 @@ def one_run(args: argparse.Namespace, rate: float, every: int) -> dict[str, Any]
         stats_before = dict(poller.last.get("stats", {}))
         victim = pick_victim(f, poller.last, workers)
         t_kill = time.time()
+        res["kill_batch"] = poller.last.get("next_batch", -1)  # first batch not yet sealed
         os.kill(victim, signal.SIGKILL)
         print(f"kill -9 worker pid {victim} at t={t_kill - t_start:.1f}s", flush=True)
         feeder.join()
@@ -273,7 +274,7 @@ def one_run(args: argparse.Namespace, rate: float, every: int) -> dict[str, Any]
         ),
         float("nan"),
     )
-    res.update(analyse(batches, t_kill, args))
+    res.update(analyse(batches, t_kill, args))  # keeps res["kill_batch"]
     # exactness
     t0 = time.monotonic()
     expected = input_counts(bootstrap, inp)
@@ -331,7 +332,6 @@ def analyse(batches: list[dict[str, Any]], t_kill: float, args: argparse.Namespa
         "excess": excess,
         "abnormal": len(bad) - later,
         "later": later,
-        "kill_batch": next((b for b, t, _, _ in rows if t > t_kill), -1),
         "to_normal": to_normal,
         "max_delay": max((d for _, _, d, _ in after), default=float("nan")),
     }
@@ -376,6 +376,7 @@ def report(runs: list[dict[str, Any]], rate: float, source: str, args: argparse.
         kb = r["kill_batch"]
         last_ckpt = kb // r["every"] * r["every"] - 1
         since = f"{kb - 1 - last_ckpt}" if last_ckpt >= 0 else f"{kb} (none yet)"
+        # (batches kb-1-last_ckpt = every - 1 when the kill came just before a checkpoint)
         lines.append(
             f"| {r['every']} batches ({r['every'] * args.interval:g} s) | {r['detect_s']:.2f} s "
             f"| {r['rejoin_s']:.2f} s | {r['normal'] * 1000:.0f} ms "

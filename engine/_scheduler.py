@@ -521,6 +521,15 @@ class Scheduler:
             self.output_owner[key] = home
         return home
 
+    def _move_output_home(self, spec: TaskSpec, slow: str) -> None:
+        others = [w for w in self.workers if w != slow]
+        if others:
+            load = {w: 0 for w in others}
+            for home in self.output_owner.values():
+                if home in load:
+                    load[home] += 1
+            self.output_owner[(spec.node, spec.part)] = min(others, key=lambda w: (load[w], w))
+
     def _launch(self, t: _Task, w: str, now: float, speculative: bool) -> LaunchTask:
         a = t.next_attempt
         t.next_attempt += 1
@@ -625,10 +634,14 @@ class Scheduler:
             for t in group:
                 if t.status != RUNNING or t.speculated or len(t.attempts) != 1:
                     continue
-                if t.spec.kind == "output":
-                    continue  # a copy elsewhere would fence the pinned producer
                 ((w, t0),) = t.attempts.values()
                 if now - t0 <= threshold:
+                    continue
+                if t.spec.kind == "output":
+                    # a copy would fence the pinned producer mid-commit: instead, later
+                    # batches of this output partition go to another worker
+                    t.speculated = True
+                    self._move_output_home(t.spec, w)
                     continue
                 target = self._pick_worker(t.spec, free, exclude=[w])
                 if target is None:
@@ -640,6 +653,10 @@ class Scheduler:
                 out.append(launch)
                 free[target] -= 1
         return out
+
+    def running_count(self) -> int:
+        """Task attempts running now (over all workers)."""
+        return sum(self.busy.values())
 
     def idle(self) -> bool:
         return not self.batches

@@ -19,6 +19,7 @@ from typing import Any
 
 from engine._plan import Plan
 from engine._scheduler import (
+    SPECULATION_EVERY_S,
     BatchCompleted,
     CancelTask,
     FreeBlocks,
@@ -218,6 +219,8 @@ class Coordinator:
         )
         threading.Thread(target=self._clock, name="batch-clock", daemon=True).start()
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
+        if self.settings.speculation:
+            threading.Thread(target=self._pump, name="speculation", daemon=True).start()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -311,6 +314,17 @@ class Coordinator:
             "layout": {str(k): [list(tp) for tp in v] for k, v in self.layout.items()},
             "interval_ms": self.ssc.batch_interval_ms,
         }
+
+    def _pump(self) -> None:
+        """Tick the scheduler while tasks run.
+
+        A straggler is then noticed when it crosses its threshold, not only when some other
+        event happens to come.
+        """
+        while not self.stopping.wait(SPECULATION_EVERY_S):
+            with self.lock:
+                if self.scheduler.batches and self.scheduler.running_count():
+                    self._dispatch()
 
     def _monitor(self) -> None:
         """Declare workers lost after ``heartbeat_misses`` silent heartbeat intervals."""

@@ -190,3 +190,30 @@ def test_output_partitions_are_pinned_to_one_worker() -> None:
             if isinstance(e, LaunchTask) and e.spec.kind == "output":
                 homes.add(e.worker)
     assert len(homes) == 1
+
+
+def test_a_straggling_output_moves_its_partition_to_another_worker() -> None:
+    ssc = StreamingContext(1.0, num_partitions=2)
+    counts = ssc.kafka_stream("t").map(lambda x: (x, 1)).reduce_by_key(operator.add)
+    counts.to_kafka("out")  # one output partition per reduce partition
+    s = Scheduler(Plan(ssc.nodes, {0: 2}), first=0, speculation=True, quantile=0.5)
+    s.add_worker("a", 8)
+    s.add_worker("b", 8)
+    _seal(s, 0, {0: ["a", "b"], 1: ["a", "b"]})
+    outs: list[LaunchTask] = []
+    for _ in range(10):
+        for i in s.tick(0.0):
+            if isinstance(i, LaunchTask):
+                if i.spec.kind == "output":
+                    outs.append(i)
+                else:
+                    s.task_finished(i.spec.id, i.attempt, i.worker, 0.01, 1)
+    # one output partition finishes fast, the other one straggles on its home worker
+    fast, slow = outs[0], outs[1]
+    assert s.request_commit(fast.spec.id, fast.attempt) == "granted"
+    s.task_finished(fast.spec.id, fast.attempt, fast.worker, 0.02, 0)
+    home = s.output_owner[(slow.spec.node, slow.spec.part)]
+    s.tick(5.0)
+    moved = s.output_owner[(slow.spec.node, slow.spec.part)]
+    assert moved != home  # later batches of that partition go elsewhere, no copy now
+    assert not [i for i in s.tick(5.1) if isinstance(i, LaunchTask) and i.speculative]

@@ -233,6 +233,7 @@ class Scheduler:
         self._sorted_workers = None
         self.busy.pop(worker, None)
         self._losses += 1
+        self._reading.clear()  # reads sent to the lost worker will not come: ask again
         self._wake_all()
         out: list[Instruction] = []
         live = sorted(self.slots)
@@ -272,8 +273,15 @@ class Scheduler:
             self._wake(block_id)
 
     def read_failed(self, block_id: str) -> None:
-        """Re-reading an input block failed: ask again at the next tick."""
+        """Re-reading an input block failed: ask again (elsewhere) at the next tick."""
         self._reading.discard(block_id)
+        for t in self._waiters.pop(block_id, ()):
+            if t.blocked and t.status == PENDING:
+                t.blocked = False
+                t.parked_at_loss = -1
+                self._blocked.pop(t.spec.id, None)
+                self._pending[t.spec.id] = t
+                self._pending_sorted = False
 
     def block_lost(self, block_id: str, worker: str) -> None:
         """A fetch found *block_id* missing on *worker*."""
@@ -429,12 +437,21 @@ class Scheduler:
                 self.tasks.pop(x, None)
                 self._pending.pop(x, None)
                 self._blocked.pop(x, None)
+        # blocks of old batches that unfinished work still reads (a rebuilt lineage, the
+        # previous state of the next batch) stay, whatever their batch number says
+        needed = {
+            bid
+            for t in (*self.tasks.values(), *self.lineage.values())
+            if t.status != DONE
+            for bid, _ in t.spec.inputs
+            if block_batch(bid) <= done_upto
+        }
         for tid in [x for x, t in self.lineage.items() if t.status == DONE]:
-            if self.plan.freeable(tid, done_upto):
+            if self.plan.freeable(tid, done_upto) and tid not in needed:
                 del self.lineage[tid]
         per_worker: dict[str, list[str]] = {}
         for bid in list(self.locations):
-            if self.plan.freeable(bid, done_upto):
+            if self.plan.freeable(bid, done_upto) and bid not in needed:
                 for w in self.locations.pop(bid):
                     per_worker.setdefault(w, []).append(bid)
                 self.sizes.pop(bid, None)
@@ -652,6 +669,27 @@ class Scheduler:
                 t.speculative_attempts.add(launch.attempt)
                 out.append(launch)
                 free[target] -= 1
+        return out
+
+    def describe_batch(self, b: int) -> list[dict[str, object]]:
+        """The unfinished tasks of batch *b* and what each waits for (status pages, debugging)."""
+        batch = self.batches.get(b)
+        out: list[dict[str, object]] = []
+        lineage = [x for x, t in self.lineage.items() if t.status != DONE][:20]
+        for tid in [*lineage, *(batch.tasks if batch else [])]:
+            t = self.tasks.get(tid) or self.lineage.get(tid)
+            if t is None or t.status == DONE:
+                continue
+            out.append(
+                {
+                    "task": tid,
+                    "status": t.status,
+                    "parked": t.blocked,
+                    "awaiting": t.awaiting,
+                    "attempts": sorted(w for w, _ in t.attempts.values()),
+                    "missing": [bid for bid, _ in t.spec.inputs if not self._available(bid)][:5],
+                }
+            )
         return out
 
     def running_count(self) -> int:

@@ -747,6 +747,9 @@ class Coordinator:
                     for w in self.workers.values()
                 ],
                 "under_replicated_blocks": self.under_replicated,
+                "oldest_pending": self.scheduler.describe_batch(min(self.scheduler.batches))
+                if self.scheduler.batches
+                else [],
                 "interval_ms": self.ssc.batch_interval_ms,
                 "first_time_ms": self.times.get(self.first),
                 "recovering": self.recovering is not None,

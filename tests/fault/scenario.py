@@ -95,9 +95,9 @@ def run_scenario(
         try:
             wait_for(caught_up, catch_up_s, "the output to catch up with the input", every=1.0)
         except AssertionError as e:
-            tail = "\n".join(
-                line for line in fleet.log.splitlines() if not line.startswith("%")
-            )[-6000:]
+            tail = "\n".join(line for line in fleet.log.splitlines() if not line.startswith("%"))[
+                -6000:
+            ]
             try:
                 st = status(port)
                 state = {k: st[k] for k in ("pending", "stats", "next_batch")}

@@ -139,6 +139,7 @@ def test_backpressure_keeps_batches_in_time(
     }
     produce_pageviews(kafka_bootstrap, inp, rate=0, count=60000, keys=100, seed=5)
     with run_fleet("examples/pageviews.py", workers=2, env=env, tmp=tmp_path) as fleet:
+
         def three_batches() -> bool:
             try:
                 return len(_status(port)["batches"]) >= 3

@@ -104,10 +104,11 @@ def test_checkpoint_equals_reference_state(
         )
         feeding.start()
         feeding.join()
+        # a checkpoint of every state partition, taken after the input stopped growing
         wait_for(
-            lambda: len({b for (_n, _p), b in meta.checkpoints().items()}) >= 2,
+            lambda: len(meta.checkpoints()) == 4 and min(meta.checkpoints().values()) > 10,
             60,
-            "two checkpoints",
+            "a checkpoint of each of the 4 state partitions",
         )
         fleet.interrupt()
     # the reference state at checkpoint batch c: counts over every record in batches <= c

@@ -385,7 +385,7 @@ class Scheduler:
         if t.spec.kind != "output":
             self.block_added(task_id, worker, size)
         else:
-            self.output_owner[(t.spec.node, t.spec.part)] = worker
+            self.output_owner.setdefault((t.spec.node, t.spec.part), worker)
         batch = self.batches.get(t.spec.batch)
         if batch is not None:
             batch.outputs_left.discard(task_id)

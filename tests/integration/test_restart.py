@@ -14,6 +14,7 @@ from engine._codec import unpack
 from ops.produce import produce_pageviews
 from state.checkpoint import RedisCheckpointStore
 from state.metalog import RedisMetaLog
+from tests.fault.scenario import check_exactly_once
 from tests.fleetkit import read_topic, run_fleet, wait_for
 
 
@@ -27,22 +28,6 @@ def _env(kafka: str, redis_url: str, app_id: str, inp: str, out: str) -> dict[st
         "DSTREAM_BATCH_INTERVAL": "0.3",
         "DSTREAM_CHECKPOINT_EVERY": "4",
     }
-
-
-def _check_changelog(messages: list, expected: collections.Counter) -> None:
-    """Per url: one value per batch, strictly increasing, ending at the exact count."""
-    per_url: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
-    for m in messages:
-        seq = int(dict(m.headers())["dstream-batch-seq"])
-        per_url[json.loads(m.key())].append((seq, json.loads(m.value())))
-    assert set(per_url) == set(expected)
-    for url, rows in per_url.items():
-        rows.sort()
-        seqs = [s for s, _ in rows]
-        assert len(seqs) == len(set(seqs)), f"{url}: a batch was written twice: {rows}"
-        values = [v for _, v in rows]
-        assert values == sorted(set(values)), f"{url}: counts not strictly increasing: {rows}"
-        assert values[-1] == expected[url], f"{url}: {values[-1]} != {expected[url]}"
 
 
 def test_sigterm_and_restart_is_exactly_once(
@@ -85,7 +70,7 @@ def test_sigterm_and_restart_is_exactly_once(
         fleet.interrupt()
     assert "Traceback" not in first_log + second_log, second_log
     assert "resuming at batch 0" not in second_log, "the second run must resume, not restart"
-    _check_changelog(read_topic(kafka_bootstrap, out), expected)
+    check_exactly_once(read_topic(kafka_bootstrap, out), expected)
 
 
 def test_checkpoint_equals_reference_state(

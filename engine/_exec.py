@@ -319,17 +319,7 @@ class Executor:
         if k == "count":
             return [pack([sum(1 for _ in records)])]
         if k == "reduce":
-            fn = n.args["fn"]
-            acc: list[Any] = []
-            for x in records:
-                if acc:
-                    try:
-                        acc[0] = fn(acc[0], x)
-                    except Exception as e:
-                        ctx.dead_letter(n.name, e, x)
-                else:
-                    acc.append(x)
-            return [pack(acc)]
+            return [pack(_fold(records, n.args["fn"], ctx, n.name))]
         if k == "repartition":
             rr: list[list[Any]] = [[] for _ in range(nparts)]
             for i, x in enumerate(records):
@@ -411,18 +401,8 @@ class Executor:
         if k == "count":
             return [sum(r[0] for _, r in self._buckets(spec, fetch))]
         if k == "reduce":
-            fn = n.args["fn"]
-            acc: list[Any] = []
-            for _, r in self._buckets(spec, fetch):
-                for x in r:
-                    if acc:
-                        try:
-                            acc[0] = fn(acc[0], x)
-                        except Exception as e:
-                            ctx.dead_letter(n.name, e, x)
-                    else:
-                        acc.append(x)
-            return acc
+            partials = (x for _, r in self._buckets(spec, fetch) for x in r)
+            return _fold(partials, n.args["fn"], ctx, n.name)
         if k == "repartition":
             return [x for _, r in self._buckets(spec, fetch) for x in r]
         if k == "reduce_by_key":
@@ -596,6 +576,23 @@ class Executor:
                     del state[key]
                     changes.append((key, final))
         return changes
+
+
+def _fold(records: Iterable[Any], fn: Any, ctx: _Ctx, name: str) -> list[Any]:
+    """All records combined with *fn* in order: ``[]`` for none, else ``[result]``.
+
+    A record on which *fn* raises is dead-lettered and left out of the result.
+    """
+    acc: list[Any] = []
+    for x in records:
+        if acc:
+            try:
+                acc[0] = fn(acc[0], x)
+            except Exception as e:
+                ctx.dead_letter(name, e, x)
+        else:
+            acc.append(x)
+    return acc
 
 
 def _snapshot_items(state_node: Node, blk: StateBlock) -> list[Any]:

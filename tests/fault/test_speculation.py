@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from tests.fault.scenario import run_scenario
 from tests.fleetkit import Fleet
 
 
@@ -10,13 +9,8 @@ def _nothing(fleet: Fleet, port: int) -> None:
     """The slow-task switch is the fault."""
 
 
-def test_slow_worker_is_speculated(kafka_bootstrap, redis_url, app_id, new_topic, tmp_path):
-    res = run_scenario(
-        kafka=kafka_bootstrap,
-        redis_url=redis_url,
-        app_id=app_id,
-        new_topic=new_topic,
-        tmp=tmp_path,
+def test_slow_worker_is_speculated(scenario, tmp_path):
+    res = scenario(
         fault=_nothing,
         env={"DSTREAM_FAULT_SLOW": "5"},
     )

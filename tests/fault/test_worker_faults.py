@@ -9,7 +9,7 @@ import time
 import pytest
 
 from ops.faults import CRASH_POINTS
-from tests.fault.scenario import run_scenario, status
+from tests.fault.scenario import status
 from tests.fleetkit import Fleet, role_pids, wait_for
 
 
@@ -28,16 +28,9 @@ def _kill_workers(n: int):
 
 
 @pytest.mark.parametrize("point", [p for p in CRASH_POINTS if p != "coordinator_seal"])
-def test_worker_crash_at_each_point(
-    point: str, kafka_bootstrap, redis_url, app_id, new_topic, tmp_path
-) -> None:
+def test_worker_crash_at_each_point(point: str, scenario, tmp_path) -> None:
     fault = _no_fault if point != "during_recovery" else _kill_workers(1)
-    res = run_scenario(
-        kafka=kafka_bootstrap,
-        redis_url=redis_url,
-        app_id=app_id,
-        new_topic=new_topic,
-        tmp=tmp_path,
+    res = scenario(
         fault=fault,
         env={"DSTREAM_FAULT_CRASH": point},
     )
@@ -46,49 +39,34 @@ def test_worker_crash_at_each_point(
     assert "starting a new one" in res["log"]
 
 
-def test_kill_both_holders_of_blocks(kafka_bootstrap, redis_url, app_id, new_topic, tmp_path):
+def test_kill_both_holders_of_blocks(scenario, tmp_path):
     # 3 workers replicate each block to the next one: killing two kills both copies of some
-    res = run_scenario(
-        kafka=kafka_bootstrap,
-        redis_url=redis_url,
-        app_id=app_id,
-        new_topic=new_topic,
-        tmp=tmp_path,
+    res = scenario(
         fault=_kill_workers(2),
     )
     assert res["status"]["stats"]["recomputed"] > 0
 
 
-def test_kill_two_of_four_workers(kafka_bootstrap, redis_url, app_id, new_topic, tmp_path):
-    res = run_scenario(
-        kafka=kafka_bootstrap,
-        redis_url=redis_url,
-        app_id=app_id,
-        new_topic=new_topic,
-        tmp=tmp_path,
+def test_kill_two_of_four_workers(scenario, tmp_path):
+    res = scenario(
         fault=_kill_workers(2),
         workers=4,
     )
     assert len(res["status"]["workers"]) == 4  # replaced, rejoined
 
 
-def test_kill_coordinator(kafka_bootstrap, redis_url, app_id, new_topic, tmp_path):
+def test_kill_coordinator(scenario, tmp_path):
     def fault(fleet: Fleet, port: int) -> None:
         (pid,) = role_pids(fleet, "coordinator")
         os.kill(pid, signal.SIGKILL)
 
-    res = run_scenario(
-        kafka=kafka_bootstrap,
-        redis_url=redis_url,
-        app_id=app_id,
-        new_topic=new_topic,
-        tmp=tmp_path,
+    res = scenario(
         fault=fault,
     )
     assert res["status"]["epoch"] >= 2
 
 
-def test_paused_worker_commits_nothing(kafka_bootstrap, redis_url, app_id, new_topic, tmp_path):
+def test_paused_worker_commits_nothing(scenario, tmp_path):
     paused: list[int] = []
 
     def fault(fleet: Fleet, port: int) -> None:
@@ -100,12 +78,7 @@ def test_paused_worker_commits_nothing(kafka_bootstrap, redis_url, app_id, new_t
         time.sleep(1.0)
         os.kill(pid, signal.SIGCONT)
 
-    res = run_scenario(
-        kafka=kafka_bootstrap,
-        redis_url=redis_url,
-        app_id=app_id,
-        new_topic=new_topic,
-        tmp=tmp_path,
+    res = scenario(
         fault=fault,
     )
     assert "was declared lost; rejoining" in res["log"]

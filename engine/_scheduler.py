@@ -174,6 +174,7 @@ class Scheduler:
         #: worker that last committed each output partition: its transactional producer is
         #: warm, and moving the partition would fence it (a Kafka round of init)
         self.output_owner: dict[tuple[int, int], str] = {}
+        self._moved_outputs: set[tuple[int, int]] = set()
 
     def _set(self, t: _Task, status: str) -> None:
         """Change a task's status, keeping the index of pending tasks in step."""
@@ -539,6 +540,12 @@ class Scheduler:
         return home
 
     def _move_output_home(self, spec: TaskSpec, slow: str) -> None:
+        # at most once per partition: each move re-inits a transactional producer, and a
+        # dependency outage makes every output look slow (moves would ping-pong)
+        key = (spec.node, spec.part)
+        if key in self._moved_outputs:
+            return
+        self._moved_outputs.add(key)
         others = [w for w in self.workers if w != slow]
         if others:
             load = {w: 0 for w in others}

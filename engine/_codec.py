@@ -99,6 +99,22 @@ def encode_input_block(
     return pack([topic, partition, from_offset, until_offset, values, offsets, keys, timestamps])
 
 
+def input_block_range(block: bytes) -> tuple[int, int]:
+    """The ``[from, until)`` offset range of an input block, read without decoding records."""
+    try:
+        u = msgpack.Unpacker(raw=False, max_buffer_size=max(len(block), 1))
+        u.feed(block)
+        if u.read_array_header() < 4:
+            short = "short header"
+            raise ValueError(short)
+        u.skip()  # topic
+        u.skip()  # partition
+        return int(u.unpack()), int(u.unpack())
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        msg = f"not an input block ({len(block)} bytes): {e}"
+        raise CodecError(msg) from e
+
+
 def input_block_header(block: bytes) -> tuple[str, int, int, int, int]:
     """(topic, partition, from, until, record count) of an input block."""
     topic, partition, lo, hi, values, *_ = unpack(block)

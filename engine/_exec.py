@@ -27,8 +27,9 @@ Fetch = Callable[[str, int], Any]
 class BlockMissing(DStreamError):
     """An input block is no longer held where the task looked for it."""
 
-    def __init__(self, block_id: str) -> None:
+    def __init__(self, block_id: str, gone_from: list[str] | None = None) -> None:
         self.block_id = block_id
+        self.gone_from = gone_from or []
         super().__init__(f"block {block_id} is not available")
 
 

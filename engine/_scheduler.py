@@ -403,8 +403,12 @@ class Scheduler:
         worker: str,
         missing: str | None = None,
         now: float = 0.0,
+        gone_from: list[str] | None = None,
     ) -> None:
         """An attempt failed; with *missing*, because that input block was gone.
+
+        *gone_from* names the other workers the attempt found without the block (or with a
+        stale copy of it); they stop counting as its holders.
 
         A task that failed for another reason (a sink or dependency error) is retried with
         exponential backoff (50 ms doubling, at most 2 s), so a dependency outage does not
@@ -413,6 +417,8 @@ class Scheduler:
         t = self.tasks.get(task_id) or self.lineage.get(task_id)
         if missing:
             self.block_lost(missing, worker)
+            for other in gone_from or ():
+                self.block_lost(missing, other)
         if t is None or attempt not in t.attempts:
             return
         w, _ = t.attempts.pop(attempt)

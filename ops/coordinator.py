@@ -266,6 +266,7 @@ class Coordinator:
                     params["worker"],
                     params.get("missing"),
                     now=time.monotonic(),
+                    gone_from=params.get("gone_from"),
                 )
                 metrics.TASKS_RETRIED.inc()
                 if not params.get("missing"):
@@ -612,10 +613,18 @@ class Coordinator:
         w = self.workers.get(ins.worker)
         if w is None:
             return
+        # input blocks are checked against their logged offset ranges (stale copies exist)
+        ranges = {}
+        for bid in locations:
+            if bid.startswith("in/"):
+                rng = self.ranges.get(int(bid.split("/")[2]), {}).get(bid)
+                if rng is not None:
+                    ranges[bid] = [rng[2], rng[3]]
         params = {
             "spec": task_spec_to_wire(spec),
             "attempt": ins.attempt,
             "locations": locations,
+            "ranges": ranges,
             "time_ms": info.time_ms if info else self.times.get(spec.batch, 0),
         }
         self.io.submit(self._send_launch, w, spec.id, ins.attempt, params)

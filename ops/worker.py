@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine._codec import encode_input_block, pack, unpack
+from engine._codec import CodecError, encode_input_block, input_block_range, pack, unpack
 from engine._exec import BlockMissing, Executor, StateBlock
 from engine._plan import Plan, TaskSpec, block_node
 from engine._scheduler import CHECKPOINT
@@ -216,10 +216,12 @@ class Worker:
                 params["locations"],
                 params.get("time_ms", 0),
                 self.incarnation,
+                params.get("ranges") or {},
             )
             return True
         if method == "replicate":
-            self.store.put(params["block"], params["data"])
+            bid = params["block"]
+            self.store.put(bid, params["data"], replace=bid.startswith("in/"))
             return True
         if method == "seal":
             if params.get("max_records") is not None:
@@ -285,7 +287,7 @@ class Worker:
             data, count = self._queue_block(node, b)
             blocks.append((f"in/{node}/{b}/{index}", "", 0, b, b + 1, count, data))
         for bid, topic, partition, start, until, count, data in blocks:
-            self.store.put(bid, data)
+            self.store.put(bid, data, replace=True)
             holders = [self.id]
             for peer in self.peer_ids[:1]:
                 try:
@@ -325,7 +327,7 @@ class Worker:
                 bool(n.args.get("with_metadata")),
             )
         faults.crash_point("during_recovery")
-        return self.store.put(bid, data)
+        return self.store.put(bid, data, replace=True)
 
     def _checkpoint(self, spec: TaskSpec, block: Any) -> None:
         """Write a state partition to the checkpoint store, then tell the coordinator."""
@@ -352,13 +354,36 @@ class Worker:
             log.warning("checkpoint of %s failed: %s", spec.id, e)
 
     # -- tasks -----------------------------------------------------------------------------
-    def _fetch(self, locations: dict[str, list[str]]) -> Any:
+    def _fetch(self, locations: dict[str, list[str]], ranges: dict[str, Any] | None = None) -> Any:
+        """The task's block reader: the local store first, then the holders the coordinator named.
+
+        An input block is checked against the offset range the coordinator logged for it
+        (*ranges*): a copy cut from another range (by a worker that was paused mid-seal, or
+        before a coordinator restart) is stale. A stale local copy is dropped, a stale remote
+        one skipped; with no good copy the task fails naming every holder that had none, and
+        the coordinator re-reads the block from Kafka.
+        """
         plan = self.plan
         assert plan is not None
+        ranges = ranges or {}
+
+        def fresh(bid: str, data: Any) -> bool:
+            want = ranges.get(bid)
+            if want is None or not isinstance(data, bytes | bytearray):
+                return True
+            try:
+                return list(input_block_range(data)) == list(want)
+            except CodecError:
+                return False
 
         def fetch(bid: str, bucket: int) -> Any:
+            gone: list[str] = []
             if self.store.has(bid):
-                return self.store.get(bid, bucket)
+                data = self.store.get(bid, bucket)
+                if fresh(bid, data):
+                    return data
+                log.warning("dropping a stale copy of %s (not the logged offset range)", bid)
+                self.store.free([bid])
             for addr in locations.get(bid, []):
                 if addr == self.id:
                     continue
@@ -373,14 +398,19 @@ class Worker:
                         "fetch", {"block": bid, "bucket": bucket}, timeout=FETCH_TIMEOUT_S
                     )
                 except RemoteError:
+                    gone.append(addr)
                     continue
                 except RpcError as e:
                     log.info("fetch of %s from %s failed: %s", bid, addr, e)
                     continue
+                if not fresh(bid, data):
+                    log.warning("%s holds a stale copy of %s; skipping it", addr, bid)
+                    gone.append(addr)
+                    continue
                 if bid.startswith("rd/") and plan.by_id[block_node(bid)].kind == "state":
                     return StateBlock.from_bytes(data)
                 return data
-            raise BlockMissing(bid)
+            raise BlockMissing(bid, gone)
 
         return fetch
 
@@ -400,11 +430,12 @@ class Worker:
         locations: dict[str, list[str]],
         time_ms: int,
         incarnation: int = 0,
+        ranges: dict[str, Any] | None = None,
     ) -> None:
         assert self.executor is not None
         t0 = time.monotonic()
         try:
-            res = self.executor.run(spec, self._fetch(locations))
+            res = self.executor.run(spec, self._fetch(locations, ranges))
             if self.slow > 1.0:
                 time.sleep((self.slow - 1.0) * (time.monotonic() - t0) + 0.02 * self.slow)
             faults.crash_point("after_compute")
@@ -437,7 +468,7 @@ class Worker:
                 timeout=30,
             )
         except BlockMissing as e:
-            self._report_failure(spec, attempt, str(e), e.block_id)
+            self._report_failure(spec, attempt, str(e), e.block_id, e.gone_from)
         except FencedError as e:  # another attempt or worker owns the output: retry is safe
             log.warning("task %s attempt %d fenced: %s", spec.id, attempt, e)
             self._report_failure(spec, attempt, f"fenced: {e}", None)
@@ -478,7 +509,12 @@ class Worker:
         return True
 
     def _report_failure(
-        self, spec: TaskSpec, attempt: int, error: str, missing: str | None
+        self,
+        spec: TaskSpec,
+        attempt: int,
+        error: str,
+        missing: str | None,
+        gone_from: list[str] | None = None,
     ) -> None:
         try:
             self.coordinator.call(
@@ -489,6 +525,7 @@ class Worker:
                     "worker": self.id,
                     "error": error,
                     "missing": missing,
+                    "gone_from": gone_from or [],
                 },
                 timeout=30,
             )

@@ -2,7 +2,10 @@
 
 A block is ``bytes`` (input blocks, persisted partitions), ``list[bytes]`` (map-side shuffle
 output, one item per reduce bucket) or a state partition object. Blocks are never mutated;
-:meth:`BlockStore.free` drops the ones the coordinator says nothing reads any more. The
+:meth:`BlockStore.free` drops the ones the coordinator says nothing reads any more. Only an
+input block may be *replaced* (``replace=True``): the logged offset range, not the first copy
+that arrived, is what its id stands for (a worker paused mid-seal can leave a copy cut from a
+range that was never logged). The
 store's size is observable (:attr:`BlockStore.nbytes`, the ``dstream_block_store_bytes``
 gauge) and bounded: past ``limit_bytes`` a put raises instead of growing without end.
 """
@@ -36,13 +39,19 @@ class BlockStore:
         self.limit_bytes = limit_bytes
         self.nbytes = 0
 
-    def put(self, block_id: str, block: Any) -> int:
-        """Store *block* under *block_id* (idempotent: same id, same content); returns size."""
+    def put(self, block_id: str, block: Any, *, replace: bool = False) -> int:
+        """Store *block* under *block_id*; returns its size.
+
+        Idempotent (same id, same content: the first copy stays) unless *replace*.
+        """
         size = block_size(block)
         with self._lock:
             old = self._sizes.get(block_id)
             if old is not None:
-                return old
+                if not replace:
+                    return old
+                del self._blocks[block_id], self._sizes[block_id]
+                self.nbytes -= old
             if self.limit_bytes and self.nbytes + size > self.limit_bytes:
                 msg = (
                     f"block store full: {self.nbytes} + {size} bytes > limit "

@@ -85,8 +85,10 @@ def run_scenario(
         views = read_topic(kafka, inp)
         expected = collections.Counter(json.loads(m.value())["url"] for m in views)
 
+        last: dict[str, int] = {}
+
         def caught_up() -> bool:
-            last: dict[str, int] = {}
+            last.clear()
             for m in read_topic(kafka, out, idle_s=0.3):
                 k = json.loads(m.key())
                 last[k] = max(last.get(k, 0), json.loads(m.value()))
@@ -103,7 +105,15 @@ def run_scenario(
                 state = {k: st[k] for k in ("pending", "stats", "next_batch")}
             except OSError as err:
                 state = {"status": str(err)}
-            raise AssertionError(f"{e}\nstatus: {state}\nfleet log (tail):\n{tail}") from None
+            diff = {
+                url: (last.get(url), expected.get(url))
+                for url in sorted(set(last) | set(expected))
+                if last.get(url) != expected.get(url)
+            }
+            raise AssertionError(
+                f"{e}\noutput vs input counts (differing urls): {diff}\n"
+                f"status: {state}\nfleet log (tail):\n{tail}"
+            ) from None
         final = status(port)
         fleet.interrupt()
         log = fleet.log

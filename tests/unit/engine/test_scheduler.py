@@ -217,3 +217,20 @@ def test_a_straggling_output_moves_its_partition_to_another_worker() -> None:
     moved = s.output_owner[(slow.spec.node, slow.spec.part)]
     assert moved != home  # later batches of that partition go elsewhere, no copy now
     assert not [i for i in s.tick(5.1) if isinstance(i, LaunchTask) and i.speculative]
+
+
+def test_a_block_found_stale_everywhere_is_reread() -> None:
+    """A task that found no good copy names the stale holders; the block is re-read."""
+    s = Scheduler(_plan(), 0)
+    for w in ("a", "b", "c"):
+        s.add_worker(w, 2)
+    _seal(s, 0, {0: ["a", "b"], 1: ["a", "b"]})
+    out = s.tick(0.0)
+    task = next(i for i in out if isinstance(i, LaunchTask) and "in/0/0/0" in dict(i.spec.inputs))
+    s.task_failed(
+        task.spec.id, task.attempt, task.worker, "in/0/0/0", now=0.1, gone_from=["a", "b"]
+    )
+    assert s.holders("in/0/0/0") == set()
+    reread = [i for i in s.tick(0.2) if isinstance(i, ReadInput)]
+    assert [i.block_id for i in reread] == ["in/0/0/0"]
+    assert s.holders("in/0/0/1") == {"a", "b"}

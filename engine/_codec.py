@@ -99,7 +99,7 @@ def encode_input_block(
     return pack([topic, partition, from_offset, until_offset, values, offsets, keys, timestamps])
 
 
-def input_block_range(block: bytes) -> tuple[int, int]:
+def input_block_range(block: bytes | bytearray) -> tuple[int, int]:
     """The ``[from, until)`` offset range of an input block, read without decoding records."""
     try:
         u = msgpack.Unpacker(raw=False, max_buffer_size=max(len(block), 1))

@@ -39,6 +39,42 @@ log = logging.getLogger("dstream.sinks")
 TXN_TIMEOUT_MS = 20_000
 #: Bound on Kafka client calls (init/commit/committed) before the task fails and is retried.
 KAFKA_CALL_TIMEOUT_S = 10.0
+#: Past its own timeout plus this grace a call is taken as hung (see :func:`bounded_call`).
+HUNG_GRACE_S = 5.0
+
+
+class KafkaCallHung(DStreamError):
+    """A Kafka client call did not return, even past its own timeout."""
+
+
+def bounded_call(what: str, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    """Run a blocking Kafka client call, giving up on it ``HUNG_GRACE_S`` past *timeout*.
+
+    librdkafka's transactional calls take a timeout, but after a broker restart
+    ``send_offsets_to_transaction`` can block past it indefinitely (it waits for the group
+    coordinator's broker state to change; librdkafka issues #5456 and #5511). The call runs
+    on a daemon thread; when it overruns, :class:`KafkaCallHung` is raised and the caller
+    abandons the client (a new transactional producer of the same id fences and aborts
+    whatever the hung one had open).
+    """
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"kafka-{what}", daemon=True).start()
+    if not done.wait(timeout + HUNG_GRACE_S):
+        msg = f"Kafka {what} did not return within {timeout + HUNG_GRACE_S:.0f} s"
+        raise KafkaCallHung(msg)
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def _json(x: Any) -> bytes:
@@ -102,7 +138,7 @@ class FleetSinks(SinkEnv):
 
     # -- kafka -----------------------------------------------------------------------------
     def _producer(self, node: Node, part: int) -> tuple[Any, Any]:
-        from confluent_kafka import Consumer, Producer
+        from confluent_kafka import Consumer, KafkaException, Producer
 
         key = (node.id, part)
         with self._lock:
@@ -120,7 +156,20 @@ class FleetSinks(SinkEnv):
                 }
             )
         )
-        producer.init_transactions(KAFKA_CALL_TIMEOUT_S)
+        try:
+            bounded_call(
+                "init_transactions",
+                producer.init_transactions,
+                KAFKA_CALL_TIMEOUT_S,
+                timeout=KAFKA_CALL_TIMEOUT_S,
+            )
+        except KafkaException as e:
+            err = e.args[0] if e.args else None
+            if err is not None and "fenced" in str(err).lower():
+                fenced = f"{node.name} partition {part}: {err}"
+                raise FencedError(fenced) from e
+            msg = f"{node.name} partition {part}: starting the transactional producer failed: {e}"
+            raise DStreamError(msg) from e
         marker = Consumer(
             self.settings.kafka_client_config(
                 **{
@@ -169,19 +218,39 @@ class FleetSinks(SinkEnv):
                         break
                     except BufferError:
                         producer.poll(0.05)
-            producer.send_offsets_to_transaction(
+            bounded_call(
+                "send_offsets_to_transaction",
+                producer.send_offsets_to_transaction,
                 [TopicPartition(topic, 0, spec.batch + 1)],
                 marker.consumer_group_metadata(),
                 KAFKA_CALL_TIMEOUT_S,
+                timeout=KAFKA_CALL_TIMEOUT_S,
             )
             if guard is not None and not guard():
-                producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
+                bounded_call(
+                    "abort_transaction",
+                    producer.abort_transaction,
+                    KAFKA_CALL_TIMEOUT_S,
+                    timeout=KAFKA_CALL_TIMEOUT_S,
+                )
                 msg = f"{node.name} partition {spec.part}: lease lost before commit"
                 raise FencedError(msg)
-            producer.commit_transaction(KAFKA_CALL_TIMEOUT_S)
+            bounded_call(
+                "commit_transaction",
+                producer.commit_transaction,
+                KAFKA_CALL_TIMEOUT_S,
+                timeout=KAFKA_CALL_TIMEOUT_S,
+            )
             faults.crash_point("after_kafka_commit")
             self.committed_batches += 1
             self._kafka_state(ok=True)
+        except KafkaCallHung as e:
+            # abandon the client without touching it again (closing it could block too)
+            self._kafka_state(ok=False, why=str(e))
+            with self._lock:
+                self._producers.pop((node.id, spec.part), None)
+            msg = f"{node.name}: Kafka commit of batch {spec.batch} failed: {e}"
+            raise DStreamError(msg) from e
         except KafkaException as e:
             err = e.args[0] if e.args else None
             if err is not None and err.retriable():
@@ -209,7 +278,8 @@ class FleetSinks(SinkEnv):
 
         for attempt in range(6):
             try:
-                return marker.committed([tp], timeout=5.0)[0].offset  # type: ignore[no-any-return]
+                got = bounded_call("committed", marker.committed, [tp], 5.0, timeout=5.0)
+                return got[0].offset  # type: ignore[no-any-return]
             except KafkaException as e:
                 err = e.args[0] if e.args else None
                 if err is None or not err.retriable() or attempt == 5:

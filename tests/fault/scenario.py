@@ -102,7 +102,7 @@ def run_scenario(
             ]
             try:
                 st = status(port)
-                state = {k: st[k] for k in ("pending", "stats", "next_batch")}
+                state = {k: st[k] for k in ("oldest_pending", "stats", "next_batch", "workers")}
             except OSError as err:
                 state = {"status": str(err)}
             diff = {

@@ -82,11 +82,6 @@ def private_kafka(tmp_path: Path):
         h.stop()
 
 
-@pytest.mark.xfail(
-    reason="open defect: after a broker restart the output can stall (marker offsets time "
-    "out, producers re-init); passed in the fresh-clone CI run, failed in 2 of the last 3 runs",
-    strict=False,
-)
 @pytest.mark.timeout(420)
 def test_kafka_broker_restart_mid_run(private_kafka, redis_url, app_id, tmp_path):
     from confluent_kafka.admin import AdminClient, NewTopic

@@ -20,6 +20,8 @@ PENDING, RUNNING, DONE = "pending", "running", "done"
 #: How often stragglers are looked for: often enough to react within a fraction of a
 #: 100 ms batch, rarely enough that it costs nothing next to task bookkeeping.
 SPECULATION_EVERY_S = 0.02
+#: How long a worker caught straggling is kept out of new placements (while others are free).
+SUSPECT_SECONDS = 5.0
 #: Tasks with more inputs than this are placed by free slots only (no locality scoring).
 LOCALITY_MAX_INPUTS = 32
 #: Pseudo-holder of state blocks that can be loaded from the checkpoint store.
@@ -127,6 +129,12 @@ class Scheduler:
         speculation: launch copies of stragglers.
         multiplier: a task is a straggler past ``multiplier`` x its stage's median.
         quantile: share of a stage that must have finished before speculating.
+        retain_inputs: keep input blocks (both copies) until every state partition's
+            checkpoint covers their batch, at most this many batches back (0: free them
+            when their batch is done). A lost state partition is then rebuilt from its
+            checkpoint by map tasks over blocks still held, all batches in parallel, with
+            no re-read from Kafka (as Spark Streaming keeps received blocks until the
+            checkpoint covers them).
 
     """
 
@@ -139,8 +147,13 @@ class Scheduler:
         multiplier: float = 1.4,
         quantile: float = 0.75,
         min_straggler_seconds: float = 0.05,
+        retain_inputs: int = 0,
     ) -> None:
         self.plan = plan
+        self.retain_inputs = retain_inputs
+        self._stateful_parts = [
+            (n.id, p) for n in plan.stateful_nodes() for p in range(plan.nparts[n.id])
+        ]
         self.first = first
         self.speculation = speculation
         self.multiplier = multiplier
@@ -175,6 +188,11 @@ class Scheduler:
         #: warm, and moving the partition would fence it (a Kafka round of init)
         self.output_owner: dict[tuple[int, int], str] = {}
         self._moved_outputs: set[tuple[int, int]] = set()
+        #: workers caught straggling, until when: new tasks go elsewhere while any other
+        #: worker has a free slot (a slow node keeps being slow; copying each of its tasks
+        #: after the fact costs a straggler threshold per batch)
+        self.suspects: dict[str, float] = {}
+        self._avoid: frozenset[str] = frozenset()
 
     def _set(self, t: _Task, status: str) -> None:
         """Change a task's status, keeping the index of pending tasks in step."""
@@ -233,6 +251,7 @@ class Scheduler:
         self.slots.pop(worker, None)
         self._sorted_workers = None
         self.busy.pop(worker, None)
+        self.suspects.pop(worker, None)
         self._losses += 1
         self._reading.clear()  # reads sent to the lost worker will not come: ask again
         self._wake_all()
@@ -456,8 +475,11 @@ class Scheduler:
         for tid in [x for x, t in self.lineage.items() if t.status == DONE]:
             if self.plan.freeable(tid, done_upto) and tid not in needed:
                 del self.lineage[tid]
+        floor = self._input_floor(done_upto)
         per_worker: dict[str, list[str]] = {}
         for bid in list(self.locations):
+            if bid.startswith("in/") and block_batch(bid) > floor:
+                continue
             if self.plan.freeable(bid, done_upto) and bid not in needed:
                 for w in self.locations.pop(bid):
                     per_worker.setdefault(w, []).append(bid)
@@ -465,6 +487,13 @@ class Scheduler:
         for w, ids in sorted(per_worker.items()):
             out.append(FreeBlocks(w, tuple(sorted(ids))))
         return out
+
+    def _input_floor(self, done_upto: int) -> int:
+        """Input blocks of batches up to this one may be freed (see ``retain_inputs``)."""
+        if not self.retain_inputs or not self._stateful_parts:
+            return done_upto
+        covered = min(self.checkpoints.get(k, self.first - 1) for k in self._stateful_parts)
+        return max(min(done_upto, covered), done_upto - self.retain_inputs)
 
     def done_upto(self) -> int:
         """Every batch up to this one is complete (batches complete out of order)."""
@@ -487,6 +516,10 @@ class Scheduler:
         free = {w: self.slots[w] - self.busy.get(w, 0) for w in self.slots}
         if not any(v > 0 for v in free.values()):
             return out
+        if self.suspects:
+            for gone in [x for x, until in self.suspects.items() if until <= now]:
+                del self.suspects[gone]
+            self._avoid = frozenset(self.suspects)
         # lineage (recovery) tasks first, then by batch: older work unblocks newer work
         if not self._pending_sorted:
             order = sorted(
@@ -581,6 +614,10 @@ class Scheduler:
         Costs O(holders of the inputs), plus O(workers) only when no holder is free.
         """
         ex = set(exclude)
+        if self._avoid and any(
+            n > 0 and w not in ex and w not in self._avoid for w, n in free.items()
+        ):
+            ex |= self._avoid
         scores: dict[str, int] = {}
         # a task reading many blocks (a reduce over every map output) has no useful
         # locality: its inputs are everywhere (as in Spark, which skips it too)
@@ -667,6 +704,7 @@ class Scheduler:
                 ((w, t0),) = t.attempts.values()
                 if now - t0 <= threshold:
                     continue
+                self.suspects[w] = now + SUSPECT_SECONDS
                 if t.spec.kind == "output":
                     # a copy would fence the pinned producer mid-commit: instead, later
                     # batches of this output partition go to another worker

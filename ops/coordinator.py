@@ -115,6 +115,9 @@ class Coordinator:
             speculation=settings.speculation,
             multiplier=settings.speculation_multiplier,
             quantile=settings.speculation_quantile,
+            # inputs since the last checkpoint stay (both copies): lost state is rebuilt
+            # from them in parallel; a stalled checkpoint writer bounds the retention
+            retain_inputs=2 * settings.checkpoint_every_batches + 2,
         )
         self.positions = self._initial_positions(logged)
         #: offset ranges of batches whose input may still be re-read (lineage)

@@ -113,6 +113,40 @@ def test_lost_state_is_rebuilt_from_the_checkpoint_and_kafka() -> None:
     assert s.stats.recomputed > 0
 
 
+def test_inputs_since_the_checkpoint_are_kept_and_rebuild_lost_state_without_kafka() -> None:
+    s = Scheduler(_plan(), first=0, retain_inputs=10)
+    s.add_worker("a", 4)
+    s.add_worker("b", 4)
+    freed: set[str] = set()
+    for b in range(4):
+        _seal(s, b, {0: ["a", "b"], 1: ["b", "a"]})
+        freed |= {bid for e in _drain(s) if isinstance(e, FreeBlocks) for bid in e.block_ids}
+        if b == 1:
+            s.set_checkpoint(3, 0, 1)
+            s.set_checkpoint(3, 1, 1)
+    # batches 0 and 1 are covered by the checkpoint: their inputs went; 2 and 3 stayed
+    assert {"in/0/0/0", "in/0/1/1"} <= freed
+    assert not {bid for bid in freed if bid.startswith(("in/0/2/", "in/0/3/"))}
+    lost = next(iter(s.holders("rd/3/3/0")))
+    s.remove_worker(lost)
+    _seal(s, 4, {0: [w for w in ("a", "b") if w != lost], 1: [w for w in ("a", "b") if w != lost]})
+    events = _drain(s, 60.0)
+    assert not [i for i in events if isinstance(i, ReadInput)]  # nothing re-read from Kafka
+    assert BatchCompleted(4) in events
+    assert s.stats.recomputed > 0
+
+
+def test_input_retention_is_bounded_without_checkpoints() -> None:
+    s = Scheduler(_plan(), first=0, retain_inputs=2)
+    s.add_worker("a", 4)
+    freed: set[str] = set()
+    for b in range(6):
+        _seal(s, b, {0: ["a"], 1: ["a"]})
+        freed |= {bid for e in _drain(s) if isinstance(e, FreeBlocks) for bid in e.block_ids}
+    assert {f"in/0/{b}/0" for b in range(4)} <= freed
+    assert "in/0/4/0" not in freed and "in/0/5/0" not in freed
+
+
 def test_outputs_commit_in_batch_order_and_once() -> None:
     s = Scheduler(_plan(), first=0)
     s.add_worker("a", 8)
@@ -154,6 +188,37 @@ def test_a_straggler_gets_a_speculative_copy_that_can_win() -> None:
     # the original attempt finishing later is discarded and its block freed
     late = s.task_finished(slow.spec.id, slow.attempt, "slow", 3.0, 1)
     assert late == [FreeBlocks("slow", (slow.spec.id,))]
+
+
+def test_a_worker_caught_straggling_gets_no_new_tasks_while_others_are_free() -> None:
+    s = Scheduler(_plan(), first=0, speculation=True, multiplier=1.4, quantile=0.5)
+    s.add_worker("fast", 4)
+    s.add_worker("slow", 4)
+    s.add_batch(0, 0.0)
+    for p in range(2):
+        s.block_added(f"in/0/0/{p}", "fast", 1)
+        s.block_added(f"in/0/0/{p}", "slow", 1)
+    maps = [i for i in s.tick(0.0) if isinstance(i, LaunchTask)]
+    fast = next(i for i in maps if i.worker == "fast")
+    slow = next(i for i in maps if i.worker == "slow")
+    s.task_finished(fast.spec.id, fast.attempt, "fast", 0.1, 1)
+    copy = next(i for i in s.tick(1.0) if isinstance(i, LaunchTask) and i.speculative)
+    assert "slow" in s.suspects
+    s.task_finished(slow.spec.id, copy.attempt, "fast", 1.1, 1)
+    # the next batch's map tasks: both inputs are also held by "slow", yet both go to "fast"
+    s.add_batch(1, 1.2)
+    for p in range(2):
+        s.block_added(f"in/0/1/{p}", "slow", 1)
+        s.block_added(f"in/0/1/{p}", "fast", 1)
+    nxt = [i for i in s.tick(1.2) if isinstance(i, LaunchTask) and i.spec.batch == 1]
+    assert nxt and {i.worker for i in nxt} == {"fast"}
+    # the suspicion expires: "slow" is used again
+    s.add_batch(2, 10.0)
+    for p in range(2):
+        s.block_added(f"in/0/2/{p}", "slow", 1)
+    later = [i for i in s.tick(10.0) if isinstance(i, LaunchTask) and i.spec.batch == 2]
+    assert {i.worker for i in later} == {"slow"}
+    assert "slow" not in s.suspects
 
 
 def test_losing_a_worker_rereplicates_its_inputs() -> None:

@@ -516,7 +516,7 @@ class Scheduler:
         free = {w: self.slots[w] - self.busy.get(w, 0) for w in self.slots}
         if not any(v > 0 for v in free.values()):
             return out
-        if self.suspects:
+        if self.suspects or self._avoid:
             for gone in [x for x, until in self.suspects.items() if until <= now]:
                 del self.suspects[gone]
             self._avoid = frozenset(self.suspects)

@@ -87,7 +87,7 @@ class SimCoordinator:
         for i in ins:
             if isinstance(i, LaunchTask):
                 # the shell's lock-held per-launch work in ops/coordinator.py:_launch
-                _loc = {bid: list(self.sched.holders(bid)) for bid, _ in i.spec.inputs}
+                _loc = self.sched.locations_of(i.spec)
                 task_spec_to_wire(i.spec)
                 running.append(i)
             elif isinstance(i, BatchCompleted):

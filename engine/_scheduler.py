@@ -120,6 +120,35 @@ class SchedulerStats:
     recomputed: int = 0
 
 
+class _Free:
+    """Free slots per live worker, read from ``slots`` and ``busy`` when asked.
+
+    A tick used to copy this into a dict (O(workers) per tick, and a tick follows every
+    finished task); launching a task bumps ``busy``, so the view stays current by itself.
+    """
+
+    __slots__ = ("busy", "slots")
+
+    def __init__(self, slots: dict[str, int], busy: dict[str, int]) -> None:
+        self.slots = slots
+        self.busy = busy
+
+    def get(self, w: str, default: int = 0) -> int:
+        n = self.slots.get(w)
+        return default if n is None else n - self.busy.get(w, 0)
+
+    def __getitem__(self, w: str) -> int:
+        return self.slots[w] - self.busy.get(w, 0)
+
+    def items(self) -> Iterable[tuple[str, int]]:
+        busy = self.busy
+        return ((w, n - busy.get(w, 0)) for w, n in self.slots.items())
+
+    def any(self) -> bool:
+        busy = self.busy
+        return any(n > busy.get(w, 0) for w, n in self.slots.items())
+
+
 class Scheduler:
     """Locality-aware task scheduling with lineage recovery and speculation.
 
@@ -160,6 +189,12 @@ class Scheduler:
         self.quantile = quantile
         self.min_straggler_seconds = min_straggler_seconds
         self.slots: dict[str, int] = {}
+        self._top_slots = 0
+        #: bumped whenever a block location changes (invalidates ``_loc_cache``)
+        self._loc_version = 0
+        self._loc_cache: dict[
+            tuple[int, int, int], tuple[int, dict[str, list[str]], tuple[int, ...]]
+        ] = {}
         self.busy: dict[str, int] = {}
         self.tasks: dict[str, _Task] = {}
         self.batches: dict[int, _Batch] = {}
@@ -240,6 +275,7 @@ class Scheduler:
     def add_worker(self, worker: str, slots: int) -> None:
         self._sorted_workers = None
         self.slots[worker] = slots
+        self._top_slots = max(self.slots.values())
         self.busy.setdefault(worker, 0)
 
     def remove_worker(self, worker: str) -> list[Instruction]:
@@ -249,10 +285,12 @@ class Scheduler:
         still needed has two holders (lost state is rebuilt from lineage instead).
         """
         self.slots.pop(worker, None)
+        self._top_slots = max(self.slots.values(), default=0)
         self._sorted_workers = None
         self.busy.pop(worker, None)
         self.suspects.pop(worker, None)
         self._losses += 1
+        self._loc_version += 1
         self._reading.clear()  # reads sent to the lost worker will not come: ask again
         self._wake_all()
         out: list[Instruction] = []
@@ -288,6 +326,7 @@ class Scheduler:
         self._reading.discard(block_id)
         if worker in self.slots:
             self.locations.setdefault(block_id, set()).add(worker)
+            self._loc_version += 1
             if size:
                 self.sizes[block_id] = size
             self._wake(block_id)
@@ -307,6 +346,41 @@ class Scheduler:
         """A fetch found *block_id* missing on *worker*."""
         self._losses += 1
         self.locations.get(block_id, set()).discard(worker)
+        self._loc_version += 1
+
+    def locations_of(self, spec: TaskSpec) -> dict[str, list[str]]:
+        """Holders of each input block of *spec*, as sent with its launch.
+
+        Hot: a reduce reads every map output of its batch, and every reduce partition reads
+        the same ones. Their holders are computed once per (node, batch) and reused until
+        any block location changes (a tick launches all the reduces with none changing).
+        """
+        inputs = spec.inputs
+        if spec.kind == "result" and len(inputs) > LOCALITY_MAX_INPUTS:
+            # every reduce partition of (node, batch) reads the same map outputs, at the
+            # same positions of its inputs; only its other inputs (previous state) differ
+            key = (spec.node, spec.batch, len(inputs))
+            hit = self._loc_cache.get(key)
+            if hit is None or hit[0] != self._loc_version:
+                shuffled = [x for x in inputs if x[0].startswith("sh/")]
+                others = tuple(i for i, x in enumerate(inputs) if not x[0].startswith("sh/"))
+                hit = (self._loc_version, self._locations(shuffled), others)
+                self._loc_cache = {key: hit}
+            out = dict(hit[1])
+            out.update(self._locations(inputs[i] for i in hit[2]))
+            return out
+        return self._locations(inputs)
+
+    def _locations(self, inputs: Iterable[tuple[str, int]]) -> dict[str, list[str]]:
+        locs = self.locations
+        out: dict[str, list[str]] = {}
+        for bid, _ in inputs:
+            held = locs.get(bid)
+            where = list(held) if held else []
+            if self.checkpoints and self._checkpointed(bid):
+                where.append(CHECKPOINT)
+            out[bid] = where
+        return out
 
     def holders(self, block_id: str) -> set[str]:
         """Workers holding the block (plus :data:`CHECKPOINT` for a checkpointed state)."""
@@ -328,6 +402,7 @@ class Scheduler:
         """State of (node, part) at *batch* is in the checkpoint store (lineage stops there)."""
         if batch > self.checkpoints.get((node, part), -1):
             self.checkpoints[(node, part)] = batch
+            self._loc_version += 1
             self._wake_all()
 
     # -- batches ---------------------------------------------------------------------------
@@ -481,6 +556,7 @@ class Scheduler:
             if bid.startswith("in/") and block_batch(bid) > floor:
                 continue
             if self.plan.freeable(bid, done_upto) and bid not in needed:
+                self._loc_version += 1
                 for w in self.locations.pop(bid):
                     per_worker.setdefault(w, []).append(bid)
                 self.sizes.pop(bid, None)
@@ -513,8 +589,8 @@ class Scheduler:
         out: list[Instruction] = []
         while self._empty:
             out.extend(self._complete(self._empty.pop(0)))
-        free = {w: self.slots[w] - self.busy.get(w, 0) for w in self.slots}
-        if not any(v > 0 for v in free.values()):
+        free = _Free(self.slots, self.busy)
+        if not free.any():
             return out
         if self.suspects or self._avoid:
             for gone in [x for x, until in self.suspects.items() if until <= now]:
@@ -533,24 +609,29 @@ class Scheduler:
                 continue
             if t.spec.kind == "output" and self._earlier_output_pending(t.spec):
                 continue
-            if t.awaiting == 0 and t.parked_at_loss == self._losses:
-                missing = []  # woken with everything it awaited, and nothing lost since
-            else:
-                locs = self.locations
-                missing = [
-                    bid
-                    for bid, _ in t.spec.inputs
-                    if not locs.get(bid) and not self._checkpointed(bid)
-                ]
+            missing: list[str] = []
+            lost: list[str] = []
+            if t.awaiting != 0 or t.parked_at_loss != self._losses:
+                # (else: woken with everything it awaited, and nothing lost since)
+                # an input whose task is pending or running is on its way, not lost: only
+                # the others are walked (a reduce waits on every map output of its batch)
+                locs, tasks, lineage = self.locations, self.tasks, self.lineage
+                ckpt = bool(self.checkpoints)
+                for bid, _ in t.spec.inputs:
+                    if locs.get(bid) or (ckpt and self._checkpointed(bid)):
+                        continue
+                    missing.append(bid)
+                    p = tasks.get(bid) or lineage.get(bid)
+                    if p is None or p.status == DONE:
+                        lost.append(bid)
             t.parked_at_loss = -1
             if missing:
                 # every lost input at once, so that recovery of all of them (other
                 # partitions, other batches) starts in parallel; then park the task
-                out.extend(self._recompute(missing))
-                missing = [bid for bid in missing if not self._available(bid)]
-                if missing:
-                    self._block(t, missing)
-                    continue
+                if lost:
+                    out.extend(self._recompute(lost))
+                self._block(t, missing)
+                continue
             if t.spec.kind == "output":
                 # output partitions are pinned to one worker: its transactional producer
                 # stays warm and no other worker fences it; moved only when it is lost
@@ -563,7 +644,6 @@ class Scheduler:
             if w is None:
                 return out
             out.append(self._launch(t, w, now, speculative=False))
-            free[w] -= 1
         if self.speculation and now - self._last_speculation >= SPECULATION_EVERY_S:
             self._last_speculation = now
             out.extend(self._speculate(now, free))
@@ -605,19 +685,21 @@ class Scheduler:
             batch.first_launch = now
         return LaunchTask(t.spec, w, a, speculative)
 
-    def _pick_worker(
-        self, spec: TaskSpec, free: dict[str, int], exclude: Iterable[str] = ()
-    ) -> str | None:
+    def _pick_worker(self, spec: TaskSpec, free: _Free, exclude: Iterable[str] = ()) -> str | None:
         """The free worker holding most input bytes; else the one with most free slots.
 
         Ties go to more free slots, then to the first worker by name (deterministic).
+        Workers caught straggling are passed over while any other worker is free.
         Costs O(holders of the inputs), plus O(workers) only when no holder is free.
         """
         ex = set(exclude)
-        if self._avoid and any(
-            n > 0 and w not in ex and w not in self._avoid for w, n in free.items()
-        ):
-            ex |= self._avoid
+        if self._avoid:
+            w = self._pick_among(spec, free, ex | self._avoid)
+            if w is not None:
+                return w
+        return self._pick_among(spec, free, ex)
+
+    def _pick_among(self, spec: TaskSpec, free: _Free, ex: set[str]) -> str | None:
         scores: dict[str, int] = {}
         # a task reading many blocks (a reduce over every map output) has no useful
         # locality: its inputs are everywhere (as in Spark, which skips it too)
@@ -629,10 +711,16 @@ class Scheduler:
                     scores[w] = scores.get(w, 0) + size
         if scores:
             return max(sorted(scores), key=lambda w: (scores[w], free[w]))
+        slots, busy = self.slots, self.busy
+        top = self._top_slots
         best: str | None = None
+        most = 0
         for w in self.workers:
-            if free.get(w, 0) > 0 and w not in ex and (best is None or free[w] > free[best]):
-                best = w
+            n = slots[w] - busy.get(w, 0)
+            if n > most and w not in ex:
+                best, most = w, n
+                if n >= top:
+                    break  # an idle worker: none has more free slots
         return best
 
     def _recompute(self, missing: list[str]) -> list[Instruction]:
@@ -688,7 +776,7 @@ class Scheduler:
                 self._plans.pop(min(self._plans))
         return specs.get(bid)
 
-    def _speculate(self, now: float, free: dict[str, int]) -> list[Instruction]:
+    def _speculate(self, now: float, free: _Free) -> list[Instruction]:
         out: list[Instruction] = []
         by_stage: dict[tuple[str, int], list[_Task]] = {}
         for t in self.tasks.values():
@@ -719,7 +807,6 @@ class Scheduler:
                 launch = self._launch(t, target, now, speculative=True)
                 t.speculative_attempts.add(launch.attempt)
                 out.append(launch)
-                free[target] -= 1
         return out
 
     def describe_batch(self, b: int) -> list[dict[str, object]]:

@@ -612,7 +612,7 @@ class Coordinator:
             metrics.SCHEDULING_DELAY.observe(info.first_task - info.sealed_at)
         if ins.speculative:
             metrics.SPECULATIVE_LAUNCHED.inc()
-        locations = {bid: list(self.scheduler.holders(bid)) for bid, _ in spec.inputs}
+        locations = self.scheduler.locations_of(spec)
         w = self.workers.get(ins.worker)
         if w is None:
             return

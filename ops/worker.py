@@ -49,7 +49,8 @@ def task_spec_from_wire(w: Any) -> TaskSpec:
 
 
 def task_spec_to_wire(s: TaskSpec) -> list[Any]:
-    return [s.id, s.kind, s.node, s.side, s.batch, s.part, [list(i) for i in s.inputs], s.stage]
+    # msgpack packs the tuples as arrays: no per-input copy (a reduce has one per map task)
+    return [s.id, s.kind, s.node, s.side, s.batch, s.part, s.inputs, s.stage]
 
 
 class Worker:

@@ -299,3 +299,28 @@ def test_a_block_found_stale_everywhere_is_reread() -> None:
     reread = [i for i in s.tick(0.2) if isinstance(i, ReadInput)]
     assert [i.block_id for i in reread] == ["in/0/0/0"]
     assert s.holders("in/0/0/1") == {"a", "b"}
+
+
+def test_launch_locations_follow_block_changes() -> None:
+    """The holders sent with a reduce (shared by every reduce of the batch) stay current."""
+    ssc = StreamingContext(1.0, num_partitions=2)
+    ssc.kafka_stream("t").map(lambda x: (x, 1)).reduce_by_key(operator.add).foreach_batch(
+        lambda t, r: None
+    )
+    plan = Plan(ssc.nodes, {0: 40})  # 40 map outputs per reduce: past the locality cut-off
+    s = Scheduler(plan, 0)
+    s.add_worker("a", 64)
+    s.add_worker("b", 64)
+    specs = s.add_batch(0, 0.0)
+    reduces = [x for x in specs if x.kind == "result"]
+    maps = [x for x in specs if x.kind == "map"]
+    for m in maps:
+        s.block_added(m.id, "a", 1)
+    first = s.locations_of(reduces[0])
+    assert first == s.locations_of(reduces[1])
+    assert set(first) == {m.id for m in maps} and all(v == ["a"] for v in first.values())
+    s.block_added(maps[0].id, "b", 1)
+    assert sorted(s.locations_of(reduces[1])[maps[0].id]) == ["a", "b"]
+    s.remove_worker("a")
+    assert s.locations_of(reduces[0])[maps[0].id] == ["b"]
+    assert s.locations_of(reduces[0])[maps[1].id] == []

@@ -8,7 +8,11 @@ Acceptance: achieved rate within 5% of the target (exit 1 otherwise).
 Kafka: ``--bootstrap``, else ``DSTREAM_KAFKA_BOOTSTRAP``, else the ``dstream dev up``
 instance, else 127.0.0.1:19092; ``--private-kafka`` starts a throw-away broker instead.
 
-    .venv/bin/python bench/produce_rate.py [--rate 20000] [--duration 10] [--report FILE.md]
+    .venv/bin/python bench/produce_rate.py [--rate 20000] [--duration 10] [--procs 1]
+        [--report FILE.md]
+
+``--procs N`` splits the urls (and so the rate) across N producer processes, like
+``dstream produce --procs N``.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ def run(bootstrap: str, args: argparse.Namespace) -> int:
         seed=0,
         partitions=args.partitions,
         progress=sys.stderr.isatty(),
+        procs=args.procs,
     )
     dev = (result.rate - args.rate) / args.rate * 100
     wdev, wi = window_deviation(result, args.rate, args.duration)
@@ -90,7 +95,7 @@ def run(bootstrap: str, args: argparse.Namespace) -> int:
     cmd = (
         f"dstream produce --rate {args.rate:g} --duration {args.duration:g} "
         f"--keys {args.keys} --key-dist {args.key_dist} --format {args.format} "
-        f"--partitions {args.partitions}"
+        f"--partitions {args.partitions} --procs {args.procs}"
     )
     lines = [
         "# Producer harness rate",
@@ -105,6 +110,8 @@ def run(bootstrap: str, args: argparse.Namespace) -> int:
         f"| deviation from target | {dev:+.2f}% (acceptance: within {TOLERANCE_PCT:g}%) |",
         f"| worst 1-second window | {wdev:.2f}% (second {wi}) |",
         f"| per-second counts | {', '.join(str(c) for c in result.per_second)} |",
+        f"| producer processes | {args.procs} (records each: "
+        f"{', '.join(f'{n:,}' for n in result.per_process)}) |",
         f"| delivery errors | {result.errors} |",
         f"| verdict | {'PASS' if ok else 'FAIL'} |",
         "",
@@ -125,6 +132,7 @@ def main() -> int:
     p.add_argument("--key-dist", choices=("uniform", "zipf"), default="uniform")
     p.add_argument("--format", choices=("json", "msgpack"), default="json")
     p.add_argument("--partitions", type=int, default=3)
+    p.add_argument("--procs", type=int, default=1, help="producer processes (default: 1)")
     p.add_argument("--bootstrap")
     p.add_argument("--private-kafka", action="store_true", help="start a throw-away broker")
     p.add_argument("--report", help="also write the markdown report to this file")

@@ -80,6 +80,15 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="event generator seed (default: 0)")
     p.add_argument("--bootstrap", help="Kafka bootstrap servers HOST:PORT")
     p.add_argument(
+        "--procs",
+        type=_number(int, "--procs", minimum=1, strict=False),
+        default=1,
+        help=(
+            "producer processes; each owns a disjoint set of urls (so per-url seq stays in "
+            "order) and sends its share of the rate; one summary line for all (default: 1)"
+        ),
+    )
+    p.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -101,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         zipf_s=args.zipf_s,
         fmt=args.fmt,
         partitions=args.partitions,
+        procs=args.procs,
     )
     progress = sys.stderr.isatty() if args.progress is None else bool(args.progress)
     result = produce_pageviews(
@@ -117,6 +127,7 @@ def _run(args: argparse.Namespace) -> int:
         partitions=args.partitions,
         progress=progress,
         extra_config=kafka_extra_config(),
+        procs=args.procs,
     )
     print(
         f"produced {result.records} records to {args.topic} in {result.seconds:.2f} s: "

@@ -9,6 +9,9 @@ The harness has three layers, each testable on its own:
   sleep so that unit tests run on a fake clock.
 * :func:`produce_pageviews` is the thin I/O shell: it wires the source and the pacer to a
   confluent-kafka ``Producer`` tuned for throughput and returns a :class:`ProduceResult`.
+  Its hot loop (:func:`_pageview_emitter`) draws the very stream :func:`pageview_events`
+  yields, without a dict or a generator step per event, and fills a bytes template for
+  JSON; ``procs > 1`` splits the urls (and so the rate) across child processes.
 
 Bootstrap resolution (:func:`resolve_bootstrap`): the explicit value, else
 ``DSTREAM_KAFKA_BOOTSTRAP``, else the local dev services' discovered address, else
@@ -18,6 +21,7 @@ Bootstrap resolution (:func:`resolve_bootstrap`): the explicit value, else
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import math
 import os
@@ -85,6 +89,14 @@ FLUSH_TIMEOUT_S = 30.0
 #: How long start-up waits for broker metadata before reporting Kafka as unreachable.
 METADATA_TIMEOUT_S = 10.0
 
+#: Most events one emit call walks: a paced run that fell behind gets its backlog in pieces,
+#: so polling, progress and the per-second counts keep up (at ~1 us a record, ~5 ms each).
+MAX_EMIT = 5_000
+
+#: A page view as JSON, filled with ``%`` (url number, user number, ts, seq): byte-identical
+#: to :func:`encode_event`'s compact ``json.dumps`` and ten times cheaper.
+_JSON_TEMPLATE = b'{"url":"/page/%d","user":"u%d","ts":%d,"seq":%d}'
+
 #: Distinct users page views are attributed to.
 DEFAULT_USERS = 10_000
 
@@ -105,6 +117,7 @@ def validate_args(
     zipf_s: float,
     fmt: str,
     partitions: int | None = None,
+    procs: int = 1,
 ) -> None:
     """Check the harness arguments before anything connects to Kafka.
 
@@ -139,6 +152,9 @@ def validate_args(
         raise ConfigError(msg)
     if partitions is not None and partitions < 1:
         msg = f"partitions must be at least 1, got {partitions}"
+        raise ConfigError(msg)
+    if procs < 1 or procs > keys:
+        msg = f"procs must be between 1 and keys ({keys}): each owns some urls, got {procs}"
         raise ConfigError(msg)
 
 
@@ -434,6 +450,7 @@ class ProduceResult:
         per_second: Records sent in each second of the run (the last may be partial), for
             measuring how steadily the rate was held.
         first_error: The first delivery error's text, or ``""`` if there was none.
+        per_process: Records acknowledged per producer process (one entry per process).
 
     """
 
@@ -443,6 +460,7 @@ class ProduceResult:
     errors: int
     per_second: tuple[int, ...] = ()
     first_error: str = ""
+    per_process: tuple[int, ...] = ()
 
 
 def resolve_bootstrap(explicit: str | None = None) -> str:
@@ -487,7 +505,8 @@ def _producer_config(
 ) -> dict[str, Any]:
     # Throughput tuning: a short linger lets librdkafka fill batches of hundreds of records
     # at 20k records/s without adding visible latency; idempotence keeps per-key order (and
-    # so contiguous seq numbers) across internal retries.
+    # so contiguous seq numbers) across internal retries. Delivery reports only for failed
+    # records: an acknowledged record then costs no Python callback (see _Delivery).
     conf: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
         "client.id": "dstream-produce",
@@ -497,6 +516,7 @@ def _producer_config(
         "queue.buffering.max.messages": 500_000,
         "enable.idempotence": True,
         "acks": "all",
+        "delivery.report.only.error": True,
     }
     if compression:
         conf["compression.type"] = compression
@@ -582,6 +602,7 @@ _PRODUCER_ONLY = frozenset(
         "compression.type",
         "compression.codec",
         "transactional.id",
+        "delivery.report.only.error",
     }
 )
 
@@ -624,20 +645,149 @@ class _Progress:
 
 
 class _Delivery:
-    """Delivery-report counter; one bound method is the callback of every record."""
+    """The producer-wide delivery-report callback; it counts failures only.
+
+    The producer runs with ``delivery.report.only.error``, so an acknowledged record costs no
+    Python call: records acknowledged = records handed over - failed - still queued after
+    the final flush. A success report (if the setting is overridden) is ignored.
+    """
 
     def __init__(self) -> None:
-        self.ok = 0
         self.failed = 0
         self.first_error: str | None = None
 
     def __call__(self, err: Any, _msg: Any) -> None:
-        if err is None:
-            self.ok += 1
-        else:
+        if err is not None:
             self.failed += 1
             if self.first_error is None:
                 self.first_error = str(err)
+
+
+@dataclass
+class _SendStats:
+    """What the emitter handed to the producer (its own urls only)."""
+
+    handed: int = 0  # accepted by ``produce()``
+    refused: int = 0  # refused by ``produce()`` up front (e.g. too large): failed records
+    first_refusal: str = ""
+
+
+def _pageview_emitter(
+    produce: Callable[..., Any],
+    poll: Callable[[float], Any],
+    topic: str,
+    stats: _SendStats,
+    *,
+    keys: int,
+    key_dist: str,
+    zipf_s: float,
+    seed: int,
+    fmt: str,
+    users: int = DEFAULT_USERS,
+    shard: int = 0,
+    shards: int = 1,
+) -> Callable[[int], int]:
+    """The hot loop: ``emit(n)`` walks the next *n* events of the seeded page-view stream.
+
+    The stream is the one :func:`pageview_events` yields for the same arguments: the same
+    random draws in the same order (``randrange(n)`` is ``getrandbits`` with rejection,
+    inlined here), the same per-url ``seq``. Events of the urls this shard owns
+    (``k % shards == shard``) are encoded and handed to the producer, keyed by url, with
+    ``ts`` read from the wall clock at that moment; the others are only drawn, so the
+    shards of one stream together send every event exactly once, and each url's ``seq`` is
+    sent by one process in order. Per event there is no dict and no generator step: the
+    JSON value is a bytes template (byte-identical to :func:`encode_event`).
+
+    ``emit`` returns the number of events walked: *n*, or fewer when the producer queue is
+    full (the refused event is kept and goes first next time, so ``seq`` order holds).
+    """
+    from confluent_kafka import KafkaException
+
+    rng = random.Random(seed)  # noqa: S311 - load generation, not cryptography
+    getrandbits = rng.getrandbits
+    rand = rng.random
+    kbits = keys.bit_length()
+    ubits = users.bit_length()
+    zipf = key_dist == "zipf"
+    cum = zipf_cumulative_weights(keys, zipf_s) if zipf else [0.0]
+    total = cum[-1]
+    last = keys - 1
+    bisect_right = bisect.bisect_right
+    mine = [k % shards == shard for k in range(keys)]
+    url_keys = [f"/page/{k}".encode() for k in range(keys)]
+    use_msgpack = fmt == "msgpack"
+    urls = [f"/page/{k}" for k in range(keys)] if use_msgpack else []
+    user_names = [f"u{u}" for u in range(users)] if use_msgpack else []
+    packb = msgpack.packb
+    template = _JSON_TEMPLATE
+    time_ns = time.time_ns
+    seqs = [0] * keys
+    carry: list[tuple[int, int, int]] = []  # an owned event the full queue refused
+
+    def emit(n: int) -> int:
+        walked = 0
+        handed = 0
+        while walked < n:
+            if carry:
+                k, u, seq = carry.pop()
+            else:
+                if zipf:
+                    k = bisect_right(cum, rand() * total)
+                    if k > last:
+                        k = last
+                else:
+                    k = getrandbits(kbits)
+                    while k >= keys:
+                        k = getrandbits(kbits)
+                u = getrandbits(ubits)
+                while u >= users:
+                    u = getrandbits(ubits)
+                if not mine[k]:
+                    walked += 1
+                    continue
+                seq = seqs[k]
+                seqs[k] = seq + 1
+            ts = time_ns() // 1_000_000
+            if use_msgpack:
+                value = packb(
+                    {"url": urls[k], "user": user_names[u], "ts": ts, "seq": seq},
+                    use_bin_type=True,
+                )
+            else:
+                value = template % (k, u, ts, seq)
+            try:  # positional (partition -1: by key; no per-record callback): 25% cheaper
+                produce(topic, value, url_keys[k], -1, None, None, ts)
+            except BufferError:
+                carry.append((k, u, seq))  # keep the seq order: this event goes first next time
+                poll(0.01)  # queue full: let deliveries drain it
+                break
+            except KafkaException as e:  # refused up front (e.g. too large): a failed record
+                stats.refused += 1
+                if not stats.first_refusal:
+                    stats.first_refusal = str(e.args[0] if e.args else e)
+            else:
+                handed += 1
+            walked += 1
+        stats.handed += handed
+        poll(0)
+        return walked
+
+    return emit
+
+
+def _check_topic(
+    bootstrap: str, topic: str, partitions: int | None, extra_config: dict[str, Any] | None
+) -> None:
+    """Create the topic if asked to; else fail fast (and quietly) on an unreachable broker."""
+    from confluent_kafka import KafkaException
+
+    if partitions is not None:
+        ensure_topic(bootstrap, topic, partitions, extra_config=extra_config)
+        return
+    try:
+        _quiet_admin(bootstrap, extra_config).list_topics(timeout=METADATA_TIMEOUT_S)
+    except KafkaException as e:
+        raise _unreachable(bootstrap, e) from e
 
 
 def produce_pageviews(
@@ -655,16 +805,25 @@ def produce_pageviews(
     partitions: int | None = None,
     progress: bool = False,
     extra_config: dict[str, Any] | None = None,
-    compression: str | None = "lz4",
+    compression: str | None = None,
     progress_stream: TextIO | None = None,
+    procs: int = 1,
 ) -> ProduceResult:
     """Produce page-view events to *topic* at *rate* records/s; blocks until all are acked.
 
     The message key is the url's bytes (so a url always lands in one partition) and the
     value is the event in *fmt*; the Kafka message timestamp is the event's ``ts``. The
-    sequence of (url, user, seq) is deterministic given *seed*; ``ts`` is the wall clock
-    when the record is handed to the producer. The producer is idempotent, so per-key
-    ``seq`` numbers arrive in order and without duplicates.
+    sequence of (url, user, seq) is deterministic given *seed* (it is
+    :func:`pageview_events`'s); ``ts`` is the wall clock when the record is handed to the
+    producer. The producer is idempotent, so per-key ``seq`` numbers arrive in order and
+    without duplicates.
+
+    With ``procs > 1`` the same stream is sent by *procs* child processes (spawned), each
+    owning the urls ``k % procs == i``: every child walks the whole seeded schedule (same
+    rate, count and duration) but sends only its own urls' events, so together they send
+    exactly what one process would, with each url's ``seq`` in order from one idempotent
+    producer. The children start sending together once all are connected; the result sums
+    theirs (``seconds`` is the longest child's).
 
     Args:
         bootstrap: Kafka bootstrap servers (see :func:`resolve_bootstrap`).
@@ -680,8 +839,10 @@ def produce_pageviews(
         partitions: If given and the topic is missing, create it with this many partitions.
         progress: Print a progress line about twice a second to *progress_stream*.
         extra_config: librdkafka settings applied over the harness defaults.
-        compression: ``compression.type`` of the producer, or ``None`` for none.
+        compression: ``compression.type`` of the producer, or ``None`` (the default) for
+            none: on a local broker compression only costs CPU.
         progress_stream: Where progress goes; default ``sys.stderr``.
+        procs: Producer processes to split the urls (and so the rate) across.
 
     Returns:
         The :class:`ProduceResult`; ``errors > 0`` means some records were not delivered.
@@ -700,75 +861,273 @@ def produce_pageviews(
         zipf_s=zipf_s,
         fmt=fmt,
         partitions=partitions,
+        procs=procs,
     )
-    from confluent_kafka import KafkaException, Producer
-
-    if partitions is not None:
-        ensure_topic(bootstrap, topic, partitions, extra_config=extra_config)
-    else:  # fail fast (and quietly) on an unreachable broker instead of timing out records
-        try:
-            _quiet_admin(bootstrap, extra_config).list_topics(timeout=METADATA_TIMEOUT_S)
-        except KafkaException as e:
-            raise _unreachable(bootstrap, e) from e
-    try:
-        producer = Producer(_producer_config(bootstrap, extra_config, compression=compression))
-    except KafkaException as e:
-        msg = f"invalid Kafka producer configuration: {e}"
-        raise ConfigError(msg) from e
-
-    events = pageview_events(None, keys, key_dist, seed, zipf_s=zipf_s)
-    delivery = _Delivery()
-    produce = producer.produce
-    poll = producer.poll
-    use_msgpack = fmt == "msgpack"
-    dumps = json.dumps
-    packb = msgpack.packb
-    pending: list[dict[str, Any]] = []  # an event drawn but refused by a full queue
-
-    def emit(n: int) -> int:
-        done = 0
-        while done < n:
-            ev = pending.pop() if pending else next(events)
-            value = (
-                packb(ev, use_bin_type=True)
-                if use_msgpack
-                else dumps(ev, separators=(",", ":")).encode()
-            )
-            try:
-                produce(topic, value, ev["url"].encode(), on_delivery=delivery, timestamp=ev["ts"])
-            except BufferError:
-                pending.append(ev)  # keep the seq order: this event goes first next time
-                poll(0.01)  # queue full: let deliveries drain it
-                break
-            except KafkaException as e:  # refused up front (e.g. too large): a failed record
-                delivery(e.args[0] if e.args else e, None)
-            done += 1
-        poll(0)
-        return done
-
+    _check_topic(bootstrap, topic, partitions, extra_config)
     reporter = (
         _Progress(progress_stream or sys.stderr, topic, rate, PROGRESS_EVERY_S)
         if progress
         else None
     )
-    t0 = time.monotonic()
+    job: dict[str, Any] = {
+        "rate": rate,
+        "count": count,
+        "duration": duration,
+        "keys": keys,
+        "key_dist": key_dist,
+        "zipf_s": zipf_s,
+        "fmt": fmt,
+        "seed": seed,
+        "extra_config": extra_config,
+        "compression": compression,
+    }
     try:
-        run = run_paced(emit, rate=rate, count=count, duration=duration, on_tick=reporter)
+        if procs > 1:
+            return _produce_parallel(bootstrap, topic, job, procs, reporter)
+        return _produce_shard(bootstrap, topic, job, on_tick=reporter)
     finally:
-        remaining = producer.flush(FLUSH_TIMEOUT_S)
         if reporter is not None:
             reporter.close()
+
+
+def _produce_shard(
+    bootstrap: str,
+    topic: str,
+    job: dict[str, Any],
+    *,
+    shard: int = 0,
+    shards: int = 1,
+    on_tick: Callable[[float, int], None] | None = None,
+    on_sent: Callable[[int], None] | None = None,
+    ready: Callable[[], None] | None = None,
+) -> ProduceResult:
+    """One producer process's run: shard *shard* of *shards* of the stream *job* describes.
+
+    *ready* is called once the producer is connected, just before sending starts (a child
+    reports in and waits for the others there). *on_tick* gets ``(now, events walked)``
+    after every wake-up, *on_sent* the records sent so far (a child's progress slot).
+    """
+    from confluent_kafka import KafkaException, Producer
+
+    delivery = _Delivery()
+    conf = _producer_config(bootstrap, job["extra_config"], compression=job["compression"])
+    conf["on_delivery"] = delivery
+    try:
+        producer = Producer(conf)
+    except KafkaException as e:
+        msg = f"invalid Kafka producer configuration: {e}"
+        raise ConfigError(msg) from e
+    if ready is not None:
+        with contextlib.suppress(KafkaException):  # warm up: connect before the start line
+            producer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+        ready()
+    stats = _SendStats()
+    emitter = _pageview_emitter(
+        producer.produce,
+        producer.poll,
+        topic,
+        stats,
+        keys=job["keys"],
+        key_dist=job["key_dist"],
+        zipf_s=job["zipf_s"],
+        seed=job["seed"],
+        fmt=job["fmt"],
+        shard=shard,
+        shards=shards,
+    )
+
+    def emit(n: int) -> int:  # a backlog goes in pieces: ticks (progress, counts) keep coming
+        return emitter(min(n, MAX_EMIT))
+
+    own_per_second: list[int] = []
+    counted = 0
+    t0 = time.monotonic()
+
+    def tick(now: float, walked: int) -> None:
+        nonlocal counted
+        if shards > 1:  # count this shard's own records per second, not the events walked
+            sent = stats.handed + stats.refused
+            window = int(now - t0)
+            if window >= len(own_per_second):
+                own_per_second.extend([0] * (window + 1 - len(own_per_second)))
+            own_per_second[window] += sent - counted
+            counted = sent
+            if on_sent is not None:
+                on_sent(sent)
+        if on_tick is not None:
+            on_tick(now, walked)
+
+    rate, count, duration = job["rate"], job["count"], job["duration"]
+    try:
+        run = run_paced(emit, rate=rate, count=count, duration=duration, on_tick=tick)
+    finally:
+        remaining = producer.flush(FLUSH_TIMEOUT_S)
     seconds = time.monotonic() - t0
-    errors = delivery.failed + remaining
-    records = delivery.ok
+    errors = delivery.failed + stats.refused + remaining
+    records = stats.handed - delivery.failed - remaining
     return ProduceResult(
         records=records,
         seconds=seconds,
         rate=records / seconds if seconds > 0 else 0.0,
         errors=errors,
-        per_second=tuple(run.per_second),
-        first_error=delivery.first_error
+        per_second=tuple(run.per_second if shards == 1 else own_per_second),
+        per_process=(records,),
+        first_error=stats.first_refusal
+        or delivery.first_error
         or (
             f"{remaining} records unacknowledged after {FLUSH_TIMEOUT_S:.0f} s" if remaining else ""
         ),
     )
+
+
+# --------------------------------------------------------------------------- processes
+
+#: How long a child waits for the start signal before giving up (the parent is gone).
+START_TIMEOUT_S = 120.0
+
+#: How often the parent looks at its children (progress, a child that died).
+WATCH_EVERY_S = 0.1
+
+#: Errors a child reports that the parent raises as they are; any other becomes a
+#: :class:`ServiceError` naming the child.
+_ERRORS: dict[str, type[Exception]] = {"ConfigError": ConfigError, "ServiceError": ServiceError}
+
+
+def _shard_main(
+    inbox: Any,
+    go: Any,
+    progress: Any,
+    shard: int,
+    shards: int,
+    bootstrap: str,
+    topic: str,
+    job: dict[str, Any],
+) -> None:
+    """Body of child process *shard*: report ``ready``, wait for *go*, send, report."""
+
+    def ready() -> None:
+        inbox.put(("ready", shard, None))
+        if not go.wait(START_TIMEOUT_S):
+            msg = f"producer process {shard} got no start signal in {START_TIMEOUT_S:.0f} s"
+            raise ServiceError(msg)
+
+    def on_sent(sent: int) -> None:
+        progress[shard] = sent
+
+    try:
+        result = _produce_shard(
+            bootstrap, topic, job, shard=shard, shards=shards, on_sent=on_sent, ready=ready
+        )
+    except (Exception, KeyboardInterrupt) as e:  # reported, raised by the parent
+        inbox.put(("error", shard, (type(e).__name__, str(e) or "no message")))
+        return
+    inbox.put(("result", shard, result))
+
+
+def _merge(results: list[ProduceResult]) -> ProduceResult:
+    """One result for the children's: sums, the longest run, per-second counts added up."""
+    records = sum(r.records for r in results)
+    seconds = max(r.seconds for r in results)
+    width = max(len(r.per_second) for r in results)
+    per_second = [0] * width
+    for r in results:
+        for i, n in enumerate(r.per_second):
+            per_second[i] += n
+    return ProduceResult(
+        records=records,
+        seconds=seconds,
+        rate=records / seconds if seconds > 0 else 0.0,
+        errors=sum(r.errors for r in results),
+        per_second=tuple(per_second),
+        first_error=next((r.first_error for r in results if r.first_error), ""),
+        per_process=tuple(r.records for r in results),
+    )
+
+
+def _produce_parallel(
+    bootstrap: str,
+    topic: str,
+    job: dict[str, Any],
+    procs: int,
+    reporter: _Progress | None,
+) -> ProduceResult:
+    """Run *procs* children of :func:`_shard_main`; merge their results.
+
+    Children are spawned (never forked: this process may run librdkafka threads), connect,
+    report ready and start sending together. Progress sums their shared counters. A child
+    error is raised here once every other child stopped (asked to with SIGINT once sending
+    started, so that it flushes what it sent; terminated before). Children are daemons, so
+    they never outlive this process.
+    """
+    import multiprocessing
+    import queue
+    import signal
+
+    ctx = multiprocessing.get_context("spawn")
+    inbox = ctx.Queue()
+    go = ctx.Event()
+    progress = ctx.Array("q", procs, lock=False)
+    children = [
+        ctx.Process(
+            target=_shard_main,
+            args=(inbox, go, progress, i, procs, bootstrap, topic, job),
+            name=f"dstream-produce-{i}",
+            daemon=True,
+        )
+        for i in range(procs)
+    ]
+    results: list[ProduceResult | None] = [None] * procs
+    ready = 0
+    done = False
+    try:
+        for child in children:
+            child.start()
+        while any(r is None for r in results):
+            try:
+                kind, shard, payload = inbox.get(timeout=WATCH_EVERY_S)
+            except queue.Empty:
+                for i, child in enumerate(children):
+                    if results[i] is None and not child.is_alive():
+                        with contextlib.suppress(queue.Empty):  # it may have just reported
+                            kind, shard, payload = inbox.get(timeout=1.0)
+                            break
+                        msg = f"producer process {i} exited with code {child.exitcode}"
+                        raise ServiceError(msg) from None
+                else:
+                    if reporter is not None and go.is_set():
+                        reporter(time.monotonic(), sum(progress))
+                    continue
+            if kind == "ready":
+                ready += 1
+                if ready == procs:
+                    go.set()
+                    if reporter is not None:
+                        reporter(time.monotonic(), 0)
+            elif kind == "result":
+                results[shard] = payload
+            else:
+                name, text = payload
+                if name in _ERRORS:
+                    raise _ERRORS[name](text)
+                msg = f"producer process {shard} failed: {name}: {text}"
+                raise ServiceError(msg)
+        done = True
+    finally:
+        if not done:
+            for child in children:
+                if not (child.is_alive() and child.pid is not None):
+                    continue
+                if go.is_set():  # sending: SIGINT, so that it flushes what it sent
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGINT)
+                else:  # still starting up or waiting: nothing sent, nothing to flush
+                    child.terminate()
+        for child in children:
+            if child.pid is None:
+                continue
+            child.join(FLUSH_TIMEOUT_S + 5 if done else 10)
+            if child.is_alive():
+                child.kill()
+                child.join()
+        inbox.close()
+    return _merge([r for r in results if r is not None])

@@ -330,6 +330,8 @@ def test_validate_accepts_good_arguments() -> None:
         ({"zipf_s": -2.0}, "zipf skew"),
         ({"fmt": "avro"}, "'json' or 'msgpack'"),
         ({"partitions": 0}, "partitions must be at least 1"),
+        ({"procs": 0}, "procs must be between 1 and keys"),
+        ({"procs": 11}, "procs must be between 1 and keys"),
     ],
 )
 def test_validate_rejects_bad_arguments(over: dict[str, Any], match: str) -> None:
@@ -389,6 +391,12 @@ def test_cli_defaults() -> None:
     assert args.fmt == "json"
     assert args.progress is None
     assert args.partitions is None
+    assert args.procs == 1
+
+
+def test_cli_parses_procs() -> None:
+    args = build_parser().parse_args(["produce", "--topic", "pv", "--count", "5", "--procs", "2"])
+    assert args.procs == 2
 
 
 @pytest.mark.parametrize(
@@ -401,6 +409,7 @@ def test_cli_defaults() -> None:
         (["--topic", "t", "--duration", "0"], "--duration must be > 0"),
         (["--topic", "t", "--count", "5", "--key-dist", "pareto"], "invalid choice"),
         (["--topic", "t", "--count", "x"], "--count must be a number"),
+        (["--topic", "t", "--count", "5", "--procs", "0"], "--procs must be >= 1"),
     ],
 )
 def test_cli_rejects_bad_flags(
@@ -462,9 +471,19 @@ class FakeProducer:
         self.sent: list[tuple[str, bytes, bytes, int]] = []
         FakeProducer.instances.append(self)
 
-    def produce(self, topic: str, value: bytes, key: bytes, *, on_delivery: Any, timestamp: int):
+    def produce(  # the real signature's positional order
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes,
+        partition: int = -1,
+        callback: Any = None,
+        on_delivery: Any = None,
+        timestamp: int = 0,
+    ) -> None:
+        assert partition == -1  # partitioned by key
         self.sent.append((topic, key, value, timestamp))
-        self.queued.append((key, value, on_delivery))
+        self.queued.append((key, value, callback or on_delivery or self.conf["on_delivery"]))
 
     def poll(self, timeout: float = 0) -> int:
         served = 0
@@ -577,3 +596,180 @@ def test_progress_line_is_throttled_and_shows_rate_and_target() -> None:
         "produce pv: 10,000 sent, 20,000 rec/s (target 20,000/s)",
         "produce pv: 20,000 sent, 20,000 rec/s (target 20,000/s)",
     ]
+
+
+# --------------------------------------------------------------------------- hot loop
+
+
+def _emitted(
+    shard: int,
+    shards: int,
+    *,
+    n: int = 3_000,
+    keys: int = 37,
+    dist: str = "zipf",
+    fmt: str = "json",
+    seed: int = 3,
+    produce: Any = None,
+) -> tuple[list[dict[str, Any]], Any]:
+    """Events one shard's emitter hands over for the first *n* events of the stream."""
+    from ops.produce import _pageview_emitter, _SendStats
+
+    sent: list[dict[str, Any]] = []
+
+    def record(topic: str, value: bytes, key: bytes, *rest: Any) -> None:
+        assert topic == "pv"
+        assert rest[:2] == (-1, None)
+        ev = json.loads(value) if fmt == "json" else msgpack.unpackb(value, raw=False)
+        assert key == ev["url"].encode()
+        assert rest[3] == ev["ts"]
+        sent.append(ev)
+
+    stats = _SendStats()
+    emit = _pageview_emitter(
+        produce or record,
+        lambda _t: None,
+        "pv",
+        stats,
+        keys=keys,
+        key_dist=dist,
+        zipf_s=1.1,
+        seed=seed,
+        fmt=fmt,
+        shard=shard,
+        shards=shards,
+    )
+    walked = 0
+    for size in (1, 999, 2_000):  # emit in uneven calls: state carries over
+        walked += emit(min(size, n - walked))
+    assert walked == n
+    return sent, stats
+
+
+@pytest.mark.parametrize("dist", ["uniform", "zipf"])
+@pytest.mark.parametrize("fmt", ["json", "msgpack"])
+@pytest.mark.parametrize("keys", [1, 37, 64])
+def test_hot_loop_sends_exactly_the_seeded_stream(dist: str, fmt: str, keys: int) -> None:
+    sent, stats = _emitted(0, 1, keys=keys, dist=dist, fmt=fmt)
+    want = list(pageview_events(3_000, keys, dist, seed=3, zipf_s=1.1))
+    strip = [{k: e[k] for k in ("url", "user", "seq")} for e in sent]
+    assert strip == [{k: e[k] for k in ("url", "user", "seq")} for e in want]
+    assert stats.handed == 3_000
+    assert stats.refused == 0
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("dist", ["uniform", "zipf"])
+def test_shards_split_urls_and_together_send_the_stream_once(shards: int, dist: str) -> None:
+    want = Counter(
+        (e["url"], e["user"], e["seq"]) for e in pageview_events(3_000, 37, dist, seed=3)
+    )
+    got: Counter[tuple[str, str, int]] = Counter()
+    owners: dict[str, int] = {}
+    for shard in range(shards):
+        sent, stats = _emitted(shard, shards, dist=dist)
+        assert sent, f"shard {shard} sent nothing"
+        assert stats.handed == len(sent)
+        seqs: dict[str, list[int]] = {}
+        for ev in sent:
+            k = int(ev["url"].removeprefix("/page/"))
+            assert k % shards == shard
+            assert owners.setdefault(ev["url"], shard) == shard  # no url in two shards
+            seqs.setdefault(ev["url"], []).append(ev["seq"])
+            got[(ev["url"], ev["user"], ev["seq"])] += 1
+        for url, s in seqs.items():
+            assert s == list(range(len(s))), url  # in order, from 0, no gaps
+    assert got == want
+
+
+def test_json_template_is_byte_identical_to_encode_event() -> None:
+    from ops.produce import _JSON_TEMPLATE
+
+    for k, u, ts, seq in [(0, 0, 0, 0), (999, 9_999, 1_700_000_000_123, 123_456)]:
+        ev = {"url": f"/page/{k}", "user": f"u{u}", "ts": ts, "seq": seq}
+        assert _JSON_TEMPLATE % (k, u, ts, seq) == encode_event(ev, "json")
+
+
+def test_hot_loop_stamps_wall_clock_at_hand_over() -> None:
+    import time
+
+    before = time.time_ns() // 1_000_000
+    sent, _ = _emitted(0, 1, n=100)
+    after = time.time_ns() // 1_000_000
+    assert all(before <= e["ts"] <= after for e in sent)
+    assert [e["ts"] for e in sent] == sorted(e["ts"] for e in sent)
+
+
+def test_full_queue_keeps_order_and_loses_nothing() -> None:
+    from ops.produce import _pageview_emitter, _SendStats
+
+    sent: list[dict[str, Any]] = []
+    calls = 0
+
+    def flaky(topic: str, value: bytes, key: bytes, *rest: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls % 7 == 0:
+            raise BufferError("Local: Queue full")
+        sent.append(json.loads(value))
+
+    stats = _SendStats()
+    emit = _pageview_emitter(
+        flaky,
+        lambda _t: None,
+        "pv",
+        stats,
+        keys=20,
+        key_dist="uniform",
+        zipf_s=1.1,
+        seed=8,
+        fmt="json",
+    )
+    walked = 0
+    rounds = 0
+    while walked < 2_000:
+        got = emit(min(50, 2_000 - walked))
+        assert 0 <= got <= 50
+        walked += got
+        rounds += 1
+    assert rounds > 40  # some calls came back short
+    want = list(pageview_events(2_000, 20, "uniform", seed=8))
+    assert [(e["url"], e["user"], e["seq"]) for e in sent] == [
+        (e["url"], e["user"], e["seq"]) for e in want
+    ]
+    assert stats.handed == 2_000
+
+
+def test_refused_records_are_counted_as_failed() -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    calls = 0
+
+    def picky(topic: str, value: bytes, key: bytes, *rest: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls % 10 == 0:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"))
+
+    _, stats = _emitted(0, 1, n=1_000, produce=picky)
+    assert (stats.handed, stats.refused) == (900, 100)
+    assert "too large" in stats.first_refusal
+
+
+def test_merge_sums_processes() -> None:
+    from ops.produce import ProduceResult, _merge
+
+    a = ProduceResult(10, 2.0, 5.0, 1, (4, 6), "", (10,))
+    b = ProduceResult(20, 2.5, 8.0, 0, (7, 8, 5), "", (20,))
+    b_err = ProduceResult(20, 2.5, 8.0, 2, (7, 8, 5), "boom", (20,))
+    m = _merge([a, b])
+    assert (m.records, m.seconds, m.errors) == (30, 2.5, 1)
+    assert m.rate == pytest.approx(12.0)
+    assert m.per_second == (11, 14, 5)
+    assert m.per_process == (10, 20)
+    assert _merge([a, b_err]).first_error == "boom"
+
+
+def test_api_rejects_more_procs_than_urls() -> None:
+    with pytest.raises(ConfigError, match="procs must be between"):
+        produce_pageviews("192.0.2.1:9", "t", rate=0, count=10, keys=3, procs=4)

@@ -37,7 +37,7 @@ from typing import Any
 from bench import _common as c
 from engine import StreamingContext
 from engine._plan import Plan
-from engine._scheduler import BatchCompleted, LaunchTask, Scheduler
+from engine._scheduler import BatchCompleted, LaunchTask, Scheduler, tune_gc
 from ops.worker import task_spec_to_wire
 
 SLOTS = 2
@@ -140,6 +140,7 @@ def measure(
     workers: int, batches: int, warmup: int, reduce_per_worker: int, budget: float
 ) -> dict[str, Any]:
     sim = SimCoordinator(workers, reduce_per_worker)
+    tune_gc()  # as run_coordinator does
     delays: list[float] = []
     firsts: list[float] = []
     ntasks = 0

@@ -136,6 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     app_id = app_id_for(args.app, settings)
     build_context(args.app, settings)  # a broken app file fails here, once, clearly
     env = dict(os.environ)
+    # fewer glibc malloc arenas: a worker's many threads otherwise each keep freed memory
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     env["DSTREAM_SECRET"] = env.get("DSTREAM_SECRET") or secrets.token_hex(32)
     env["DSTREAM_COORDINATOR"] = env.get("DSTREAM_COORDINATOR") or f"127.0.0.1:{free_port()}"
     env["DSTREAM_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap

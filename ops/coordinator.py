@@ -28,6 +28,7 @@ from engine._scheduler import (
     ReadInput,
     Replicate,
     Scheduler,
+    tune_gc,
 )
 from engine.errors import DStreamError, RpcError
 from ops import metrics
@@ -792,6 +793,7 @@ def _quiet_call(client: RpcClient, method: str, params: Any) -> None:
 
 def run_coordinator(settings: Settings, app_path: str, app_id: str, expect_workers: int) -> int:
     c = Coordinator(settings, app_path, app_id, expect_workers)
+    tune_gc()
     done = threading.Event()
 
     def _stop(_sig: int, _frm: Any) -> None:

@@ -324,8 +324,10 @@ def plt() -> Any:
 
 # --------------------------------------------------------------------------- load
 @contextlib.contextmanager
-def producer(topic: str, rate: float, duration: float, partitions: int = 4) -> Iterator[Any]:
-    """``dstream produce`` in a child process (its CPU is not the bench's GIL)."""
+def producer(
+    topic: str, rate: float, duration: float, partitions: int = 4, procs: int = 1
+) -> Iterator[Any]:
+    """``dstream produce [--procs N]`` in a child process group (its CPU is not the bench's GIL)."""
     bootstrap, _ = services()
     cmd = [
         sys.executable,
@@ -343,6 +345,8 @@ def producer(topic: str, rate: float, duration: float, partitions: int = 4) -> I
         "--bootstrap",
         bootstrap,
         "--no-progress",
+        "--procs",
+        str(procs),
     ]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -356,7 +360,8 @@ def producer(topic: str, rate: float, duration: float, partitions: int = 4) -> I
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
             if proc.poll() is None:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 

@@ -26,15 +26,10 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -54,32 +49,6 @@ def producer_procs(rate: float, explicit: int | None = None) -> int:
     if explicit:
         return explicit
     return 1 if rate <= ONE_PROC_RATE else 2
-
-
-@contextlib.contextmanager
-def producer(
-    topic: str, rate: float, duration: float, procs: int, partitions: int = 4
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``dstream produce --procs N`` in a child process group (its CPU is not the bench's GIL)."""
-    bootstrap, _ = c.services()
-    cmd = [sys.executable, "-m", "ops.cli", "produce", "--topic", topic]
-    cmd += ["--rate", f"{rate:g}", "--duration", f"{duration:g}", "--procs", str(procs)]
-    cmd += ["--partitions", str(partitions), "--bootstrap", bootstrap, "--no-progress"]
-    proc = subprocess.Popen(
-        cmd, cwd=c.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 class OutputWatcher(threading.Thread):
@@ -173,7 +142,7 @@ def one_run(
         f.wait_ready()
         time.sleep(2 * interval)  # let the first (empty) batches pass
         t_start = time.time()
-        with producer(inp, rate, duration, procs) as prod:
+        with c.producer(inp, rate, duration, procs=procs) as prod:
             prod.wait(duration + 60)
             produced = (prod.stdout.read() if prod.stdout else b"").decode(errors="replace")
         events = read_events(bootstrap, inp)

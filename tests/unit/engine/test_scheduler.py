@@ -165,7 +165,8 @@ def test_outputs_commit_in_batch_order_and_once() -> None:
     assert s.request_commit(outs[0].spec.id, outs[0].attempt + 7) == "denied"
 
 
-def test_a_straggler_gets_a_speculative_copy_that_can_win() -> None:
+def _fast_and_slow() -> tuple[Scheduler, LaunchTask, LaunchTask]:
+    """Batch 0's two map tasks launched, one on "fast", one on "slow" (both hold both inputs)."""
     s = Scheduler(_plan(), first=0, speculation=True, multiplier=1.4, quantile=0.5)
     s.add_worker("fast", 4)
     s.add_worker("slow", 4)
@@ -179,6 +180,11 @@ def test_a_straggler_gets_a_speculative_copy_that_can_win() -> None:
     # equal locality: the second task goes to the worker with more free slots
     fast = next(i for i in maps if i.worker == "fast")
     slow = next(i for i in maps if i.worker == "slow")
+    return s, fast, slow
+
+
+def test_a_straggler_gets_a_speculative_copy_that_can_win() -> None:
+    s, fast, slow = _fast_and_slow()
     s.task_finished(fast.spec.id, fast.attempt, "fast", 0.1, 1)
     spec_launch = [i for i in s.tick(1.0) if isinstance(i, LaunchTask) and i.speculative]
     assert [i.spec.id for i in spec_launch] == [slow.spec.id]
@@ -191,16 +197,7 @@ def test_a_straggler_gets_a_speculative_copy_that_can_win() -> None:
 
 
 def test_a_worker_caught_straggling_gets_no_new_tasks_while_others_are_free() -> None:
-    s = Scheduler(_plan(), first=0, speculation=True, multiplier=1.4, quantile=0.5)
-    s.add_worker("fast", 4)
-    s.add_worker("slow", 4)
-    s.add_batch(0, 0.0)
-    for p in range(2):
-        s.block_added(f"in/0/0/{p}", "fast", 1)
-        s.block_added(f"in/0/0/{p}", "slow", 1)
-    maps = [i for i in s.tick(0.0) if isinstance(i, LaunchTask)]
-    fast = next(i for i in maps if i.worker == "fast")
-    slow = next(i for i in maps if i.worker == "slow")
+    s, fast, slow = _fast_and_slow()
     s.task_finished(fast.spec.id, fast.attempt, "fast", 0.1, 1)
     copy = next(i for i in s.tick(1.0) if isinstance(i, LaunchTask) and i.speculative)
     assert "slow" in s.suspects

@@ -118,6 +118,8 @@ class SchedulerStats:
     speculative_launched: int = 0
     speculative_won: int = 0
     recomputed: int = 0
+    #: input blocks asked to be re-read from Kafka (no holder left)
+    reread: int = 0
 
 
 def tune_gc() -> None:
@@ -766,6 +768,7 @@ class Scheduler:
                 if bid not in self._reading:
                     self._reading.add(bid)
                     out.append(ReadInput(bid))
+                    self.stats.reread += 1
                 return
             spec = self._spec_for(bid)
             if spec is None:

@@ -368,6 +368,26 @@ def producer(
 MAX_RATE_FILE = RESULTS / "max_rate.json"
 
 
+def add_load_args(p: Any) -> None:
+    """Options of the benches that run a fleet under a steady produced load."""
+    p.add_argument("--rate", type=float, help="records/s (default: 20%% of the max rate)")
+    p.add_argument("--level", type=float, default=0.2, help="share of the max rate")
+    p.add_argument("--max-rate", type=float)
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--keys", type=int, default=1000)
+    p.add_argument("--warmup", type=float, default=5.0)
+
+
+def run_rate(rate: float | None, level: float, explicit_max: float | None) -> tuple[float, str]:
+    """The records/s a run feeds and how it was chosen: ``--rate``, else *level* of the max."""
+    if rate:
+        return rate, "given with --rate"
+    mx, src = max_rate(explicit_max)
+    return round(mx * level), f"{level:.0%} of {mx:,.0f}/s ({src})"
+
+
 def max_rate(explicit: float | None = None) -> tuple[float, str]:
     """The fleet's measured maximum rate (records/s) and where it came from.
 

@@ -435,14 +435,7 @@ def plot(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--checkpoints", default="2,10,30", help="batches between checkpoints")
-    p.add_argument("--rate", type=float, help="records/s (default: 20%% of the max rate)")
-    p.add_argument("--level", type=float, default=0.2, help="share of the max rate")
-    p.add_argument("--max-rate", type=float)
-    p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--interval", type=float, default=1.0)
-    p.add_argument("--partitions", type=int, default=4)
-    p.add_argument("--keys", type=int, default=1000)
-    p.add_argument("--warmup", type=float, default=5.0)
+    c.add_load_args(p)
     p.add_argument("--steady", type=float, default=15.0)
     p.add_argument("--after", type=float, default=25.0)
     p.add_argument("--catch-up", type=float, default=90.0)
@@ -450,12 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     c.print_machine()
-    if args.rate:
-        rate, source = args.rate, "given with --rate"
-    else:
-        mx, src = c.max_rate(args.max_rate)
-        rate = round(mx * args.level)
-        source = f"{args.level:.0%} of {mx:,.0f}/s, {src}"
+    rate, source = c.run_rate(args.rate, args.level, args.max_rate)
     runs = [one_run(args, rate, int(e)) for e in args.checkpoints.split(",") if e]
     text = report(runs, rate, source, args)
     print(text)

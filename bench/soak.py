@@ -44,11 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fragment", default="soak.md")
     args = p.parse_args(argv)
     c.print_machine()
-    if args.rate:
-        rate, source = args.rate, "given with --rate"
-    else:
-        mx, src = c.max_rate(args.max_rate)
-        rate, source = round(mx * 0.2), f"20% of {mx:,.0f}/s ({src})"
+    rate, source = c.run_rate(args.rate, 0.2, args.max_rate)
     bootstrap, _ = c.services()
     inp, out, win = c.unique("bench-soak-in"), c.unique("bench-soak-out"), c.unique("bench-soak-w")
     for t, n in ((inp, 4), (out, 1), (win, 1)):

@@ -231,14 +231,7 @@ def plot(runs: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--rate", type=float, help="records/s (default: 20%% of the max rate)")
-    p.add_argument("--level", type=float, default=0.2, help="share of the max rate")
-    p.add_argument("--max-rate", type=float)
-    p.add_argument("--workers", type=int, default=3)
-    p.add_argument("--interval", type=float, default=1.0)
-    p.add_argument("--partitions", type=int, default=4)
-    p.add_argument("--keys", type=int, default=1000)
-    p.add_argument("--warmup", type=float, default=5.0)
+    c.add_load_args(p)
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds of input")
     p.add_argument("--catch-up", type=float, default=60.0)
     p.add_argument("--variants", default=",".join(VARIANTS), help="of none,slow,spec")
@@ -246,12 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     c.print_machine()
-    if args.rate:
-        rate, source = args.rate, "given with --rate"
-    else:
-        mx, src = c.max_rate(args.max_rate)
-        rate = round(mx * args.level)
-        source = f"{args.level:.0%} of {mx:,.0f}/s, {src}"
+    rate, source = c.run_rate(args.rate, args.level, args.max_rate)
     keys = [v for v in VARIANTS if v in args.variants.split(",")]
     runs = [one_run(*VARIANTS[k], rate, args) for k in keys]
     if runs[0]["name"] != "none" or not any(r["name"] == "slow, speculation" for r in runs):

@@ -209,11 +209,13 @@ class Scheduler:
         self.min_straggler_seconds = min_straggler_seconds
         self.slots: dict[str, int] = {}
         self._top_slots = 0
-        #: bumped whenever a block location changes (invalidates ``_loc_cache``)
+        #: bumped whenever a block location changes (invalidates ``_reduce_locs``)
         self._loc_version = 0
-        self._loc_cache: dict[
-            tuple[int, int, int], tuple[int, dict[str, list[str]], tuple[int, ...]]
-        ] = {}
+        #: the last reduce's launch locations: (node, batch, inputs), location version, the
+        #: map outputs' holders, positions of its other inputs
+        self._reduce_locs: (
+            tuple[tuple[int, int, int], int, dict[str, list[str]], tuple[int, ...]] | None
+        ) = None
         self.busy: dict[str, int] = {}
         self.tasks: dict[str, _Task] = {}
         self.batches: dict[int, _Batch] = {}
@@ -379,27 +381,23 @@ class Scheduler:
             # every reduce partition of (node, batch) reads the same map outputs, at the
             # same positions of its inputs; only its other inputs (previous state) differ
             key = (spec.node, spec.batch, len(inputs))
-            hit = self._loc_cache.get(key)
-            if hit is None or hit[0] != self._loc_version:
+            hit = self._reduce_locs
+            if hit is None or hit[0] != key or hit[1] != self._loc_version:
                 shuffled = [x for x in inputs if x[0].startswith("sh/")]
                 others = tuple(i for i, x in enumerate(inputs) if not x[0].startswith("sh/"))
-                hit = (self._loc_version, self._locations(shuffled), others)
-                self._loc_cache = {key: hit}
-            out = dict(hit[1])
-            out.update(self._locations(inputs[i] for i in hit[2]))
+                hit = self._reduce_locs = (
+                    key,
+                    self._loc_version,
+                    self._locations(shuffled),
+                    others,
+                )
+            out = dict(hit[2])
+            out.update(self._locations(inputs[i] for i in hit[3]))
             return out
         return self._locations(inputs)
 
     def _locations(self, inputs: Iterable[tuple[str, int]]) -> dict[str, list[str]]:
-        locs = self.locations
-        out: dict[str, list[str]] = {}
-        for bid, _ in inputs:
-            held = locs.get(bid)
-            where = list(held) if held else []
-            if self.checkpoints and self._checkpointed(bid):
-                where.append(CHECKPOINT)
-            out[bid] = where
-        return out
+        return {bid: list(self.holders(bid)) for bid, _ in inputs}
 
     def holders(self, block_id: str) -> set[str]:
         """Workers holding the block (plus :data:`CHECKPOINT` for a checkpointed state)."""

@@ -47,6 +47,18 @@ class KafkaCallHung(DStreamError):
     """A Kafka client call did not return, even past its own timeout."""
 
 
+def _kafka_error(where: str, e: Exception) -> DStreamError:
+    """A failed Kafka call as the error a task reports.
+
+    :class:`FencedError` when a newer producer of the transactional id took over (a retry is
+    safe and expected), else :class:`DStreamError` (retried with backoff).
+    """
+    err = e.args[0] if e.args else None
+    if err is not None and "fenced" in str(err).lower():
+        return FencedError(f"{where}: {err}")
+    return DStreamError(f"{where}: {e}")
+
+
 def bounded_call(what: str, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
     """Run a blocking Kafka client call, giving up on it ``HUNG_GRACE_S`` past *timeout*.
 
@@ -164,12 +176,8 @@ class FleetSinks(SinkEnv):
                 timeout=KAFKA_CALL_TIMEOUT_S,
             )
         except KafkaException as e:
-            err = e.args[0] if e.args else None
-            if err is not None and "fenced" in str(err).lower():
-                fenced = f"{node.name} partition {part}: {err}"
-                raise FencedError(fenced) from e
-            msg = f"{node.name} partition {part}: starting the transactional producer failed: {e}"
-            raise DStreamError(msg) from e
+            where = f"{node.name} partition {part}: starting the transactional producer"
+            raise _kafka_error(where, e) from e
         marker = Consumer(
             self.settings.kafka_client_config(
                 **{
@@ -244,32 +252,30 @@ class FleetSinks(SinkEnv):
             faults.crash_point("after_kafka_commit")
             self.committed_batches += 1
             self._kafka_state(ok=True)
-        except KafkaCallHung as e:
-            # abandon the client without touching it again (closing it could block too)
-            self._kafka_state(ok=False, why=str(e))
-            with self._lock:
-                self._producers.pop((node.id, spec.part), None)
-            msg = f"{node.name}: Kafka commit of batch {spec.batch} failed: {e}"
-            raise DStreamError(msg) from e
-        except KafkaException as e:
-            err = e.args[0] if e.args else None
-            if err is not None and err.retriable():
-                self._kafka_state(ok=False, why=str(err))
+        except (KafkaCallHung, KafkaException) as e:
+            # whatever went wrong (fenced, broker restarted mid-transaction, a hung call),
+            # the next attempt starts from a fresh producer: its init_transactions aborts
+            # anything this one left open, so no half-written batch can linger. A hung
+            # client is abandoned untouched (closing it could block too).
+            hung = isinstance(e, KafkaCallHung)
+            err = None if hung else (e.args[0] if e.args else None)
+            if hung or (err is not None and err.retriable()):
+                self._kafka_state(ok=False, why=str(e if hung else err))
             if err is not None and err.txn_requires_abort():
-                with contextlib.suppress(KafkaException):
-                    producer.abort_transaction(KAFKA_CALL_TIMEOUT_S)
-            # whatever went wrong (fenced, broker restarted mid-transaction, timeout), the
-            # next attempt starts from a fresh producer: its init_transactions aborts
-            # anything this one left open, so no half-written batch can linger
+                with contextlib.suppress(KafkaException, KafkaCallHung):
+                    bounded_call(
+                        "abort_transaction",
+                        producer.abort_transaction,
+                        KAFKA_CALL_TIMEOUT_S,
+                        timeout=KAFKA_CALL_TIMEOUT_S,
+                    )
             with self._lock:
                 self._producers.pop((node.id, spec.part), None)
-            with contextlib.suppress(Exception):
-                marker.close()
-            if err is not None and "fenced" in str(err).lower():
-                msg = f"{node.name} partition {spec.part}: {err}"
-                raise FencedError(msg) from e
-            msg = f"{node.name}: Kafka commit of batch {spec.batch} failed: {e}"
-            raise DStreamError(msg) from e
+            if not hung:
+                with contextlib.suppress(Exception):
+                    marker.close()
+            where = f"{node.name} partition {spec.part}: Kafka commit of batch {spec.batch}"
+            raise _kafka_error(where, e) from e
 
     @staticmethod
     def _committed(marker: Any, tp: Any) -> int | None:

@@ -140,3 +140,26 @@ def children(pid: int) -> list[tuple[int, str]]:
 def role_pids(fleet: Fleet, role: str) -> list[int]:
     """Pids of the fleet's live processes of *role* (``coordinator`` or ``worker``)."""
     return [p for p, cmd in children(fleet.proc.pid) if f" {role} " in f" {cmd} "]
+
+
+def fleet_env(
+    kafka: str,
+    redis_url: str,
+    app_id: str,
+    pageviews: tuple[str, str] | None = None,
+    **extra: str,
+) -> dict[str, str]:
+    """The environment of a test fleet: its Kafka, Redis and app id, plus *extra* variables.
+
+    *pageviews* is the (input, output) topic pair of the page-view apps
+    (``PAGEVIEWS_TOPIC``, ``PAGEVIEWS_OUTPUT``).
+    """
+    env = {
+        "DSTREAM_KAFKA_BOOTSTRAP": kafka,
+        "DSTREAM_REDIS_URL": redis_url,
+        "DSTREAM_APP_ID": app_id,
+    }
+    if pageviews is not None:
+        env["PAGEVIEWS_TOPIC"], env["PAGEVIEWS_OUTPUT"] = pageviews
+    env.update(extra)
+    return env

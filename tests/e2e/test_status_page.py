@@ -24,7 +24,7 @@ import pytest
 
 from ops.devservices import free_port
 from ops.produce import produce_pageviews
-from tests.fleetkit import ROOT, run_fleet, wait_for
+from tests.fleetkit import ROOT, fleet_env, run_fleet, wait_for
 
 #: Debian's binary; ``shutil.which`` also finds ``chromium`` elsewhere on PATH.
 CHROMIUM_PATHS = ("/usr/bin/chromium",)
@@ -136,15 +136,14 @@ def test_status_page_shows_batches_workers_and_receivers(
     inp, out = new_topic(3), new_topic(1)
     produce_pageviews(kafka_bootstrap, inp, rate=0, count=2000, keys=50, seed=1)
     port = free_port()
-    env = {
-        "DSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "DSTREAM_REDIS_URL": redis_url,
-        "DSTREAM_APP_ID": app_id,
-        "PAGEVIEWS_TOPIC": inp,
-        "PAGEVIEWS_OUTPUT": out,
-        "DSTREAM_BATCH_INTERVAL": "0.5",
-        "DSTREAM_HTTP_PORT": str(port),
-    }
+    env = fleet_env(
+        kafka_bootstrap,
+        redis_url,
+        app_id,
+        (inp, out),
+        DSTREAM_BATCH_INTERVAL="0.5",
+        DSTREAM_HTTP_PORT=str(port),
+    )
     # a steady input while the page is loaded, so the rate chart has a shape
     feeder = threading.Thread(
         target=produce_pageviews,

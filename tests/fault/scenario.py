@@ -15,7 +15,7 @@ import redis
 
 from ops.devservices import free_port
 from ops.produce import produce_pageviews
-from tests.fleetkit import Fleet, read_topic, run_fleet, wait_for
+from tests.fleetkit import Fleet, fleet_env, read_topic, run_fleet, wait_for
 
 APP = "tests/fault/fault_app.py"
 
@@ -58,18 +58,19 @@ def run_scenario(
     """Run the fault app, apply *fault* mid-stream, check the committed output."""
     inp, out = new_topic(6), new_topic(2)
     port = free_port()
-    full_env = {
-        "DSTREAM_KAFKA_BOOTSTRAP": kafka,
-        "DSTREAM_REDIS_URL": redis_url,
-        "DSTREAM_APP_ID": app_id,
-        "DSTREAM_BATCH_INTERVAL": "0.3",
-        "DSTREAM_CHECKPOINT_EVERY": "3",
-        "DSTREAM_HTTP_PORT": str(port),
-        "DSTREAM_FAULT_DIR": str(tmp),
-        "PAGEVIEWS_TOPIC": inp,
-        "PAGEVIEWS_OUTPUT": out,
-        **(env or {}),
-    }
+    full_env = fleet_env(
+        kafka,
+        redis_url,
+        app_id,
+        (inp, out),
+        **{
+            "DSTREAM_BATCH_INTERVAL": "0.3",
+            "DSTREAM_CHECKPOINT_EVERY": "3",
+            "DSTREAM_HTTP_PORT": str(port),
+            "DSTREAM_FAULT_DIR": str(tmp),
+            **(env or {}),  # a scenario's own settings win
+        },
+    )
     produce_pageviews(kafka, inp, rate=0, count=2000, keys=40, seed=21)
     feeding = threading.Thread(
         target=produce_pageviews,

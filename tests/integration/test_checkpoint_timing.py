@@ -11,7 +11,7 @@ import redis
 from ops.devservices import free_port
 from ops.produce import produce_pageviews
 from state.metalog import RedisMetaLog
-from tests.fleetkit import wait_for
+from tests.fleetkit import fleet_env, wait_for
 from tests.integration.test_fleet import _status
 
 EVERY = 4  # checkpoint every 4 batches
@@ -28,16 +28,15 @@ def test_checkpoints_do_not_hold_batches_back(
     produce_pageviews(
         kafka_bootstrap, inp, rate=0, count=100_000, keys=100_000, seed=1, key_dist="uniform"
     )
-    env = {
-        "DSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "DSTREAM_REDIS_URL": redis_url,
-        "DSTREAM_APP_ID": app_id,
-        "PAGEVIEWS_TOPIC": inp,
-        "PAGEVIEWS_OUTPUT": out,
-        "DSTREAM_BATCH_INTERVAL": "0.5",
-        "DSTREAM_CHECKPOINT_EVERY": str(EVERY),
-        "DSTREAM_HTTP_PORT": str(port),
-    }
+    env = fleet_env(
+        kafka_bootstrap,
+        redis_url,
+        app_id,
+        (inp, out),
+        DSTREAM_BATCH_INTERVAL="0.5",
+        DSTREAM_CHECKPOINT_EVERY=str(EVERY),
+        DSTREAM_HTTP_PORT=str(port),
+    )
     meta = RedisMetaLog(redis.Redis.from_url(redis_url), app_id)
     with run_fleet("examples/pageviews.py", workers=2, env=env, tmp=tmp_path) as fleet:
 

@@ -6,7 +6,7 @@ import json
 
 from confluent_kafka import Producer
 
-from tests.fleetkit import run_fleet
+from tests.fleetkit import fleet_env, run_fleet
 
 
 def test_fleet_fails_with_the_error_and_coordinates(
@@ -17,15 +17,14 @@ def test_fleet_fails_with_the_error_and_coordinates(
     p.produce(inp, json.dumps({"url": "/a", "user": "u", "ts": 1}).encode())
     p.produce(inp, json.dumps({"no-url": True}).encode())  # map raises KeyError on it
     p.flush(10)
-    env = {
-        "DSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "DSTREAM_REDIS_URL": redis_url,
-        "DSTREAM_APP_ID": app_id,
-        "PAGEVIEWS_TOPIC": inp,
-        "PAGEVIEWS_OUTPUT": out,
-        "DSTREAM_FAIL_ON_ERROR": "true",
-        "DSTREAM_BATCH_INTERVAL": "0.5",
-    }
+    env = fleet_env(
+        kafka_bootstrap,
+        redis_url,
+        app_id,
+        (inp, out),
+        DSTREAM_FAIL_ON_ERROR="true",
+        DSTREAM_BATCH_INTERVAL="0.5",
+    )
     with run_fleet("examples/pageviews.py", workers=1, env=env, tmp=tmp_path) as fleet:
         code = fleet.proc.wait(90)
         log = fleet.log

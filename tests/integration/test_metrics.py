@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ops.devservices import free_port
 from ops.produce import produce_pageviews
-from tests.fleetkit import last_values, read_topic, run_fleet, wait_for
+from tests.fleetkit import fleet_env, last_values, read_topic, run_fleet, wait_for
 
 N = 5000
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -105,15 +105,14 @@ def test_metrics_add_up_during_a_run(
         c.close()
     assert sum(ends.values()) == N
     port = free_port()
-    env = {
-        "DSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "DSTREAM_REDIS_URL": redis_url,
-        "DSTREAM_APP_ID": app_id,
-        "PAGEVIEWS_TOPIC": inp,
-        "PAGEVIEWS_OUTPUT": out,
-        "DSTREAM_BATCH_INTERVAL": "0.5",
-        "DSTREAM_HTTP_PORT": str(port),
-    }
+    env = fleet_env(
+        kafka_bootstrap,
+        redis_url,
+        app_id,
+        (inp, out),
+        DSTREAM_BATCH_INTERVAL="0.5",
+        DSTREAM_HTTP_PORT=str(port),
+    )
     with run_fleet("examples/pageviews.py", workers=2, tmp=tmp_path, env=env) as fleet:
         wait_for(
             lambda: last_values(read_topic(kafka_bootstrap, out, idle_s=0.5)) == expected,

@@ -14,20 +14,19 @@ from confluent_kafka import Consumer, TopicPartition
 
 from ops.produce import produce_pageviews
 from state.metalog import RedisMetaLog
-from tests.fleetkit import last_values, read_topic, run_fleet, wait_for
+from tests.fleetkit import fleet_env, last_values, read_topic, run_fleet, wait_for
 
 N = 6000
 
 
 def _env(kafka_bootstrap: str, redis_url: str, app_id: str, inp: str, out: str) -> dict[str, str]:
-    return {
-        "DSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "DSTREAM_REDIS_URL": redis_url,
-        "DSTREAM_APP_ID": app_id,
-        "PAGEVIEWS_TOPIC": inp,
-        "PAGEVIEWS_OUTPUT": out,
-        "DSTREAM_BATCH_INTERVAL": "0.5",
-    }
+    return fleet_env(
+        kafka_bootstrap,
+        redis_url,
+        app_id,
+        (inp, out),
+        DSTREAM_BATCH_INTERVAL="0.5",
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])

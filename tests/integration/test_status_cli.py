@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ops.produce import produce_pageviews
-from tests.fleetkit import ROOT, Fleet, run_fleet, wait_for
+from tests.fleetkit import ROOT, Fleet, fleet_env, run_fleet, wait_for
 
 _COORDINATOR = re.compile(r"fleet of app \S+: coordinator (\S+) and \d+ workers")
 
@@ -43,15 +43,14 @@ def test_status_prints_tables_during_a_run(
     inp, out = new_topic(3), new_topic(1)
     produce_pageviews(kafka_bootstrap, inp, rate=0, count=1500, keys=20, seed=9)
     secret = secrets.token_hex(16)
-    env = {
-        "DSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "DSTREAM_REDIS_URL": redis_url,
-        "DSTREAM_APP_ID": app_id,
-        "PAGEVIEWS_TOPIC": inp,
-        "PAGEVIEWS_OUTPUT": out,
-        "DSTREAM_BATCH_INTERVAL": "0.5",
-        "DSTREAM_SECRET": secret,
-    }
+    env = fleet_env(
+        kafka_bootstrap,
+        redis_url,
+        app_id,
+        (inp, out),
+        DSTREAM_BATCH_INTERVAL="0.5",
+        DSTREAM_SECRET=secret,
+    )
     with run_fleet("examples/pageviews.py", workers=2, tmp=tmp_path, env=env) as fleet:
         wait_for(lambda: _address(fleet) is not None, 30, "the fleet to log its coordinator")
         address = _address(fleet)

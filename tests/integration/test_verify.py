@@ -18,7 +18,7 @@ from engine import StreamingContext
 from engine.errors import ConfigError
 from ops.produce import produce_pageviews
 from ops.verify import plan_for
-from tests.fleetkit import ROOT, last_values, read_topic, run_fleet, wait_for
+from tests.fleetkit import ROOT, fleet_env, last_values, read_topic, run_fleet, wait_for
 
 N = 3000
 
@@ -60,14 +60,13 @@ def test_verify_passes_real_output_and_reports_corruptions(
     expected = collections.Counter(
         json.loads(m.value())["url"] for m in read_topic(kafka_bootstrap, inp)
     )
-    env = {
-        "DSTREAM_KAFKA_BOOTSTRAP": kafka_bootstrap,
-        "DSTREAM_REDIS_URL": redis_url,
-        "DSTREAM_APP_ID": app_id,
-        "PAGEVIEWS_TOPIC": inp,
-        "PAGEVIEWS_OUTPUT": out,
-        "DSTREAM_BATCH_INTERVAL": "0.5",
-    }
+    env = fleet_env(
+        kafka_bootstrap,
+        redis_url,
+        app_id,
+        (inp, out),
+        DSTREAM_BATCH_INTERVAL="0.5",
+    )
     with run_fleet("examples/pageviews.py", workers=2, tmp=tmp_path, env=env) as fleet:
         wait_for(
             lambda: last_values(read_topic(kafka_bootstrap, out, idle_s=0.5)) == expected,

@@ -60,3 +60,20 @@ class StateError(DStreamError):
 
 class FencedError(StateError):
     """A write was rejected because a newer epoch owns the resource."""
+
+
+class NotLeaderError(RpcError):
+    """An RPC reached a coordinator that does not lead (a standby, or a deposed leader).
+
+    Attributes:
+        coordinator: the address of the coordinator that answered.
+        leader: the address of the leader as the lease names it ("" when unknown).
+
+    """
+
+    def __init__(self, coordinator: str, leader: str = "") -> None:
+        self.coordinator = coordinator
+        self.leader = leader
+        super().__init__(
+            f"coordinator {coordinator} does not lead; the leader is {leader or 'unknown'}"
+        )

@@ -38,6 +38,20 @@ def _common(p: argparse.ArgumentParser, app_positional: bool = False) -> None:
     p.add_argument("--redis-url", help="Redis URL (redis:// or rediss://)")
     p.add_argument("--checkpoint-every", type=int, help="batches between state checkpoints")
     p.add_argument("--log-level", default=os.environ.get("DSTREAM_LOG_LEVEL", "INFO"))
+    p.add_argument("--tls-cert", help="RPC TLS certificate (PEM); with --tls-key and --tls-ca")
+    p.add_argument("--tls-key", help="RPC TLS private key (PEM)")
+    p.add_argument("--tls-ca", help="CA bundle that RPC peers' certificates must chain to")
+
+
+def _listen(p: argparse.ArgumentParser, role: str) -> None:
+    """Flags for where a deployed role listens and how peers reach it."""
+    p.add_argument("--bind-host", help="interface to listen on (the image binds 0.0.0.0)")
+    p.add_argument(
+        "--http-port", type=int, help=f"HTTP port: probes, /metrics (default: the {role}'s)"
+    )
+    if role == "worker":
+        p.add_argument("--rpc-port", type=int, help="RPC port (default 7071; 0: any free port)")
+        p.add_argument("--advertise-host", help="host name or address peers reach this worker at")
 
 
 def register(sub: Any) -> None:
@@ -52,11 +66,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--expect-workers", type=int, default=1, help="workers to wait for before the first batch"
     )
+    _listen(p, "coordinator")
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("worker", help="run a worker")
     _common(p)
     p.add_argument("--coordinator", help="coordinator address host:port")
+    _listen(p, "worker")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("status", help="show batches, workers and receivers of a running app")
@@ -83,8 +99,16 @@ def _settings(args: argparse.Namespace, **more: Any) -> Any:
         kafka_bootstrap=args.kafka_bootstrap,
         redis_url=args.redis_url,
         checkpoint_every=args.checkpoint_every,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        **{k: getattr(args, k, None) for k in _LISTEN_FLAGS},
         **more,
     )
+
+
+#: Settings that the listen flags of :func:`_listen` override.
+_LISTEN_FLAGS = ("bind_host", "http_port", "rpc_port", "advertise_host")
 
 
 def _require_secret(settings: Any) -> None:
@@ -114,7 +138,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     settings = _settings(args, coordinator=args.coordinator)
     _require_secret(settings)
-    return run_worker(settings, args.app, app_id_for(args.app, settings))
+    code = run_worker(settings, args.app, app_id_for(args.app, settings))
+    # exit now: a task thread abandoned at the stop deadline would otherwise hold the
+    # interpreter's exit (concurrent.futures joins its threads at exit, without a timeout)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _die_with_parent() -> None:
@@ -147,11 +177,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     env["DSTREAM_NUM_PARTITIONS"] = str(settings.num_partitions)
     if args.checkpoint_every:
         env["DSTREAM_CHECKPOINT_EVERY"] = str(args.checkpoint_every)
+    from ops.tls import from_settings
+
+    from_settings(settings)  # partial or unloadable TLS settings fail here, once
+    for name in ("tls_cert", "tls_key", "tls_ca"):  # flags reach the children too
+        if getattr(settings, name):
+            env[f"DSTREAM_{name.upper()}"] = os.path.abspath(getattr(settings, name))
     base = [sys.executable, "-m", "ops.cli"]
     common = ["--app", args.app, "--log-level", args.log_level]
     http_port = int(env.get("DSTREAM_HTTP_PORT") or 0) or free_port()
     coord_env = {**env, "DSTREAM_HTTP_PORT": str(http_port)}
-    worker_env = {**env, "DSTREAM_HTTP_PORT": "0"}
+    # workers share this host: each takes free ports (deployed, each has the fixed ones)
+    worker_env = {**env, "DSTREAM_HTTP_PORT": "0", "DSTREAM_RPC_PORT": "0"}
     coord = [*base, "coordinator", *common, "--expect-workers", str(args.workers)]
     worker = [*base, "worker", *common]
     roles = [("coordinator", coord, coord_env)] + [
@@ -215,16 +252,37 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ops.rpc import RpcClient
+    """Print the leader's status; with several coordinator addresses, find the leader."""
+    from engine.errors import RpcError
+    from ops.leader_client import LeaderClient
     from ops.services import settings_from
     from ops.status import format_status
 
     settings = settings_from(coordinator=args.coordinator)
     _require_secret(settings)
-    client = RpcClient(settings.coordinator, secret=settings.secret.get_secret_value().encode())
+    client = LeaderClient(settings)
     try:
-        st = client.call("status", timeout=10)
+        for attempt in range(2 * len(client.addresses)):
+            try:
+                st = client.call("status", timeout=10)
+            except RpcError:
+                if attempt == 2 * len(client.addresses) - 1:
+                    raise
+                continue
+            if st.get("role") in (None, "leader"):
+                break
+            # a standby answers with the leader's address: ask the leader
+            if st.get("leader") in client.addresses:
+                client = _switch(client, settings, st["leader"])
     finally:
         client.close()
     print(json.dumps(st, indent=2) if args.json else format_status(st))
     return 0
+
+
+def _switch(client: Any, settings: Any, leader: str) -> Any:
+    from ops.leader_client import LeaderClient
+
+    client.close()
+    order = [leader] + [a for a in settings.coordinator_addresses if a != leader]
+    return LeaderClient(settings.model_copy(update={"coordinator": ",".join(order)}))

@@ -19,6 +19,11 @@ from engine.errors import ConfigError
 
 #: Kafka client keys whose values are secret (librdkafka names).
 _SECRET_KAFKA_KEYS = re.compile(r"(password|secret|key\.pem|token|jaas)", re.IGNORECASE)
+#: The fleet's fixed default ports (the image EXPOSEs them, the chart's defaults match).
+COORDINATOR_RPC_PORT = 7070
+COORDINATOR_HTTP_PORT = 8080
+WORKER_RPC_PORT = 7071
+WORKER_HTTP_PORT = 8081
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/]*):(?P<pw>[^@/]+)@")
 
 
@@ -51,9 +56,15 @@ class Settings(BaseSettings):
     tls_key: str = ""
     tls_ca: str = ""
     max_frame_bytes: int = 64 * 1024 * 1024
-    coordinator: str = "127.0.0.1:7070"
+    #: the coordinator's address, or a comma-separated list of every coordinator's (one
+    #: leads; all share one port, which each coordinator listens on)
+    coordinator: str = f"127.0.0.1:{COORDINATOR_RPC_PORT}"
+    #: the leader lease (s): a standby takes over this long after a leader dies at most
+    lease_seconds: float = 2.0
     bind_host: str = "127.0.0.1"
     advertise_host: str = ""
+    #: a worker's RPC port (0: any free port, as ``dstream run`` uses on one host)
+    rpc_port: int = WORKER_RPC_PORT
     task_slots: int = 2
     heartbeat_interval: float = 0.5
     heartbeat_misses: int = 3
@@ -64,7 +75,9 @@ class Settings(BaseSettings):
     speculation_quantile: float = 0.75
     dead_letter_topic: str = ""
     fail_on_error: bool = False
-    http_port: int = 0
+    #: HTTP port (probes, /metrics, status); None: the role's default
+    #: (:data:`COORDINATOR_HTTP_PORT` or :data:`WORKER_HTTP_PORT`); 0: any free port
+    http_port: int | None = None
     metrics: bool = True
 
     @field_validator("batch_interval")
@@ -83,6 +96,54 @@ class Settings(BaseSettings):
             raise ValueError(msg)
         return v
 
+    @field_validator("coordinator")
+    @classmethod
+    def _coordinators(cls, v: str) -> str:
+        addrs = [a.strip() for a in v.split(",") if a.strip()]
+        ports = set()
+        for a in addrs:
+            host, sep, port = a.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                msg = f"coordinator addresses must be host:port, got {a!r}"
+                raise ValueError(msg)
+            ports.add(port)
+        if not addrs or len(ports) != 1:
+            msg = f"every coordinator address must name the same port (each listens on it): {v!r}"
+            raise ValueError(msg)
+        return ",".join(addrs)
+
+    @field_validator("lease_seconds")
+    @classmethod
+    def _lease(cls, v: float) -> float:
+        if not 1.0 <= v <= 300:
+            msg = f"lease_seconds must be between 1 and 300, got {v}"
+            raise ValueError(msg)
+        return v
+
+    @property
+    def coordinator_addresses(self) -> list[str]:
+        """Every configured coordinator address (``host:port``), in order."""
+        return self.coordinator.split(",")
+
+    @property
+    def coordinator_port(self) -> int:
+        """The port every coordinator listens on (the one all the addresses share)."""
+        return int(self.coordinator_addresses[0].rpartition(":")[2])
+
+    @field_validator("rpc_port", "http_port")
+    @classmethod
+    def _port(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= 65535:
+            msg = f"a port must be between 0 and 65535 (0: any free port), got {v}"
+            raise ValueError(msg)
+        return v
+
+    def http_port_for(self, role: str) -> int:
+        """The HTTP port of *role* (``coordinator`` or ``worker``): the setting or its default."""
+        if self.http_port is not None:
+            return self.http_port
+        return COORDINATOR_HTTP_PORT if role == "coordinator" else WORKER_HTTP_PORT
+
     @field_validator("kafka_config", mode="before")
     @classmethod
     def _parse_kafka_config(cls, v: Any) -> Any:
@@ -95,6 +156,22 @@ class Settings(BaseSettings):
         if isinstance(v, dict):
             return {str(k): str(x) for k, x in v.items()}
         return v
+
+    @model_validator(mode="after")
+    def _tls_all_or_none(self) -> Settings:
+        given = {
+            f"DSTREAM_TLS_{n.upper()}": bool(getattr(self, f"tls_{n}"))
+            for n in ("cert", "key", "ca")
+        }
+        if any(given.values()) and not all(given.values()):
+            have = [k for k, v in given.items() if v]
+            missing = [k for k, v in given.items() if not v]
+            msg = (
+                f"RPC TLS needs a certificate, its key and a CA: {', '.join(have)} set but "
+                f"{', '.join(missing)} missing; set all three for mutual TLS, or none"
+            )
+            raise ValueError(msg)
+        return self
 
     @model_validator(mode="after")
     def _checkpoint_default(self) -> Settings:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,32 +31,67 @@ from engine._scheduler import (
     Scheduler,
     tune_gc,
 )
-from engine.errors import DStreamError, RpcError
+from engine.errors import DStreamError, NotLeaderError, RpcError
 from ops import metrics
 from ops.config import Settings
 from ops.http import HttpEndpoints
-from ops.rpc import RpcClient, RpcServer
-from ops.services import build_context, redis_client, source_layout, topic_partitions
+from ops.rpc import RpcClient
+from ops.services import (
+    build_context,
+    redis_client,
+    rpc_client,
+    rpc_server,
+    source_layout,
+    topic_partitions,
+)
 from ops.worker import task_spec_to_wire
 from state.checkpoint import RedisCheckpointStore
-from state.metalog import MetaLog, OffsetRange, RedisMetaLog
+from state.metalog import Lease, MetaLog, OffsetRange, RedisMetaLog
 
 log = logging.getLogger("dstream.coordinator")
 
 #: Seal calls wait this long for a worker; a worker slower than that is treated as lost
 #: for this batch (its partitions' records simply land in its next block).
 SEAL_TIMEOUT_S = 10.0
+#: The longest the first batch waits for ``--expect-workers`` (Spark's default
+#: ``spark.scheduler.maxRegisteredResourcesWaitingTime``); it then starts with whoever joined.
+REGISTRATION_WAIT_S = 30.0
 #: Exit code of a coordinator whose app failed (fail_on_error): not restarted.
 APP_FAILED = 3
+#: Exit code of a coordinator that lost the lease to another: restarted, as a standby.
+LOST_LEADERSHIP = 4
+#: A standby tries to take a free lease this often.
+LEASE_RETRY_S = 0.2
+#: A leader stops acting this long before its lease could have expired in Redis (the
+#: lease is measured from Redis' receipt of the renewal, after the local clock started).
+LEASE_MARGIN_S = 0.5
 #: Pseudo block id under which a batch's wall-clock time is logged with its ranges.
 TIME_KEY = "@time"
+
+
+class WorkerClient:
+    """The coordinator's client of one worker: every call carries the epoch it leads in.
+
+    A worker refuses calls from an epoch older than the one it registered under, so a
+    deposed coordinator that wakes up can neither seal, launch nor assign anything.
+    """
+
+    def __init__(self, client: RpcClient, epoch: int) -> None:
+        self._client = client
+        self.epoch = epoch
+
+    def call(self, method: str, params: Any = None, timeout: float = SEAL_TIMEOUT_S) -> Any:
+        return self._client.call(method, {**(params or {}), "epoch": self.epoch}, timeout)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 @dataclass
 class WorkerInfo:
     id: str
     slots: int
-    client: RpcClient
+    client: WorkerClient
     last_seen: float
     received: int = 0
     store_bytes: int = 0
@@ -88,7 +124,6 @@ class Coordinator:
     ) -> None:
         self.settings = settings
         self.app_id = app_id
-        self.secret = settings.secret.get_secret_value().encode()
         self.ssc = build_context(app_path, settings)
         self.expect_workers = expect_workers
         topics = sorted(
@@ -103,13 +138,53 @@ class Coordinator:
         self.layout = source_layout(self.ssc, counts)
         self.plan = Plan(self.ssc.nodes, {k: len(v) for k, v in self.layout.items()})
         self.metalog = metalog or RedisMetaLog(redis_client(settings), app_id)
-        self.epoch = self.metalog.bump_epoch()
+        self.checkpoint_store = RedisCheckpointStore(redis_client(settings), app_id)
+        self.max_keep = max(self.plan.keep.values(), default=0)
+        #: the lease while leading (its epoch is the fencing token every write carries)
+        self.lease: Lease | None = None
+        self.epoch = 0
+        #: leadership is certain until this monotonic time (renewed well inside the lease)
+        self._leads_until = 0.0
+        #: set when another coordinator took the lease: this one steps down (exits)
+        self.deposed = False
+        self.leading = threading.Event()
+        #: actions refused while the lease was in doubt (the fencing counter's share here)
+        self.refused = 0
+        #: records per partition per batch (None: the workers' configured cap)
+        self.rate_cap: int | None = None
+        self.failed: str | None = None
+        #: (time a loss was detected, batch that must complete for recovery to be over)
+        self.recovering: tuple[float, int] | None = None
+        self.under_replicated = 0
+        self._next_reader = 0
+        self.workers: dict[str, WorkerInfo] = {}
+        self.assignment: dict[tuple[int, int], str] = {}
+        self.batches: dict[int, BatchInfo] = {}
+        self.history: list[BatchInfo] = []
+        self.pending_ckpts: list[tuple[int, int, int]] = []
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.io = ThreadPoolExecutor(8, thread_name_prefix="coord-io")
+        self.server = rpc_server(
+            settings, self._handle, port=settings.coordinator_port, name="coordinator"
+        )
+        self._assignment_dirty = True
+
+    def _take_over(self, lease: Lease) -> None:
+        """Become the leader under *lease*: read the metadata log and resume from it.
+
+        The graph, the plan and the Kafka partition layout were built at start-up, so a
+        standby taking over only reads what the last leader logged, then replays the
+        batches it logged but did not finish.
+        """
+        self.epoch = lease.epoch
         logged = self.metalog.batches()
         done = self.metalog.done()
         self.first = self.metalog.first_batch(0)
         self.next_batch = max(
             [self.first, (done + 1) if done is not None else self.first, *(b + 1 for b in logged)]
         )
+        settings = self.settings
         self.scheduler = Scheduler(
             self.plan,
             self.first,
@@ -131,33 +206,7 @@ class Coordinator:
         self.replay = sorted(b for b in logged if done is None or b > done)
         for (node, part), b in self.metalog.checkpoints().items():
             self.scheduler.set_checkpoint(node, part, b)
-        self.pending_ckpts: list[tuple[int, int, int]] = []
-        self.checkpoint_store = RedisCheckpointStore(redis_client(settings), app_id)
-        self.max_keep = max(self.plan.keep.values(), default=0)
-        #: records per partition per batch (None: the workers' configured cap)
-        self.rate_cap: int | None = None
-        self.failed: str | None = None
-        #: (time a loss was detected, batch that must complete for recovery to be over)
-        self.recovering: tuple[float, int] | None = None
-        self.under_replicated = 0
-        self._next_reader = 0
-        self.workers: dict[str, WorkerInfo] = {}
-        self.assignment: dict[tuple[int, int], str] = {}
-        self.batches: dict[int, BatchInfo] = {}
-        self.history: list[BatchInfo] = []
-        self.lock = threading.RLock()
-        self.stopping = threading.Event()
-        self.io = ThreadPoolExecutor(8, thread_name_prefix="coord-io")
-        _host, _, port = settings.coordinator.rpartition(":")
-        self.server = RpcServer(
-            self._handle,
-            secret=self.secret,
-            host=settings.bind_host,
-            port=int(port),
-            max_frame=settings.max_frame_bytes,
-            name="coordinator",
-        )
-        self._assignment_dirty = True
+        self.lease = lease  # last: handlers see a leader only once its state is loaded
 
     # -- positions -------------------------------------------------------------------------
     def _initial_positions(
@@ -205,34 +254,164 @@ class Coordinator:
         return pos
 
     # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def holder(self) -> str:
+        """The coordinator's name on the lease: the RPC address workers can reach it at.
+
+        Only one live process can hold an address (it is bound), so a coordinator that
+        finds its own address on the lease is a restart of a dead one.
+        """
+        host, port = self.server.address
+        adv = self.settings.advertise_host or (
+            host if host not in ("0.0.0.0", "::", "") else socket.gethostname()  # noqa: S104
+        )
+        return f"{adv}:{port}"
+
+    def holds_lease(self) -> bool:
+        """Whether this coordinator took the lease and was not deposed (it may be in doubt)."""
+        return self.lease is not None and not self.deposed
+
+    def leads(self) -> bool:
+        """Whether this coordinator may act as the leader right now.
+
+        True only while its last lease renewal is recent enough that no other coordinator
+        can have taken the lease (a process that was paused finds this out on waking,
+        before it seals or grants anything).
+        """
+        return self.lease is not None and not self.deposed and time.monotonic() < self._leads_until
+
+    def _may_act(self, what: str) -> bool:
+        """:meth:`leads`, counting (metric, log) what a coordinator without it refused.
+
+        A leader paused past its lease (or cut off from Redis) wakes up with its threads
+        mid-loop: this check is what stops them before they act.
+        """
+        if self.leads():
+            return True
+        if self.lease is not None:
+            self.refused += 1
+            metrics.FENCED.labels(role="coordinator").inc()
+            if self.refused == 1:
+                log.warning("lease in doubt (epoch %d): refusing to %s", self.epoch, what)
+        return False
+
     def start(self) -> None:
+        """Serve RPC and HTTP, then compete for the lease on the ``election`` thread.
+
+        Ready (``/readyz``) only while leading: a standby is alive but not ready, so a
+        Service routes workers and clients to the leader alone.
+        """
         self.server.start()
         self.http = HttpEndpoints(
             self.settings.bind_host,
-            self.settings.http_port,
+            self.settings.http_port_for("coordinator"),
             live=lambda: not self.stopping.is_set(),
-            ready=lambda: bool(self.assignment) or not self.positions,
+            # readiness never waits for another pod: holding the lease and serving is
+            # enough (a redis blip that puts the lease in doubt does not unroute it)
+            ready=lambda: (
+                self.lease is not None and not self.deposed and not self.stopping.is_set()
+            ),
             status=self.status,
         ).start()
         log.info(
-            "coordinator up on %s:%d (app %s, epoch %d, resuming at batch %d)",
+            "coordinator %s up on %s:%d (app %s); waiting for the lease",
+            self.holder,
             *self.server.address,
+            self.app_id,
+        )
+        threading.Thread(target=self._election, name="election", daemon=True).start()
+
+    def wait_leading(self, timeout: float) -> bool:
+        """Block until this coordinator leads (tests, tools); False after *timeout*."""
+        return self.leading.wait(timeout)
+
+    def _election(self) -> None:
+        """Take the lease when it is free, then renew it until stopped or deposed.
+
+        A standby retries every :data:`LEASE_RETRY_S`; the leader renews every quarter of
+        the lease and counts as leader until ``lease - LEASE_MARGIN_S`` after the start of
+        its last successful renewal. A renewal that finds another holder deposes it: it
+        stops acting at once and the process exits (as client-go's leader election
+        callers do), to come back as a standby.
+        """
+        import redis
+
+        ttl = self.settings.lease_seconds
+        warned = False
+        while not self.stopping.is_set():
+            t0 = time.monotonic()
+            try:
+                if self.lease is None:
+                    lease = self.metalog.acquire_lease(self.holder, ttl)
+                    if lease is not None:
+                        self._leads_until = t0 + ttl - LEASE_MARGIN_S
+                        self._become_leader(lease)
+                else:
+                    if self.metalog.renew_lease(self.lease, ttl):
+                        self._leads_until = t0 + ttl - LEASE_MARGIN_S
+                    else:
+                        self._step_down()
+                        return
+                if warned:
+                    warned = False
+                    log.warning("redis reachable again (leader lease)")
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                if not warned:
+                    warned = True
+                    log.warning("redis unavailable for the leader lease: %s", e)
+            except Exception:
+                log.exception("leader election failed; retrying")
+            self.stopping.wait(ttl / 4 if self.lease is not None else LEASE_RETRY_S)
+
+    def _become_leader(self, lease: Lease) -> None:
+        with self.lock:
+            self._take_over(lease)
+        metrics.LEADER.set(1)
+        log.info(
+            "coordinator %s leads (app %s, epoch %d, resuming at batch %d)",
+            self.holder,
             self.app_id,
             self.epoch,
             self.next_batch,
         )
+        self.leading.set()
         threading.Thread(target=self._clock, name="batch-clock", daemon=True).start()
         threading.Thread(target=self._monitor, name="monitor", daemon=True).start()
         if self.settings.speculation:
             threading.Thread(target=self._pump, name="speculation", daemon=True).start()
 
-    def stop(self) -> None:
+    def _step_down(self) -> None:
+        """Another coordinator holds the lease: act no more, and stop the process."""
+        self.deposed = True
+        metrics.LEADER.set(0)
+        leader = None
+        with contextlib.suppress(Exception):
+            leader = self.metalog.leader()
+        log.error(
+            "lost the leader lease (epoch %d) to %s; stepping down (%d actions refused "
+            "since it lapsed)",
+            self.epoch,
+            leader.holder if leader else "another coordinator",
+            self.refused,
+        )
         self.stopping.set()
+
+    def stop(self) -> None:
+        """Stop scheduling and serving, and hand the lease over. The workers keep running.
+
+        They re-register with the next leader (a standby, or this one restarted) with
+        their blocks, so a coordinator upgrade or a node drain is a pause of a few batches,
+        not an outage.
+        """
+        self.stopping.set()
+        lease, self.lease = self.lease, None
+        if lease is not None and not self.deposed:
+            with contextlib.suppress(Exception):
+                self.metalog.release_lease(lease)
+        metrics.LEADER.set(0)
         with self.lock:
             workers = list(self.workers.values())
         for w in workers:
-            with contextlib.suppress(RpcError):
-                w.client.call("stop", timeout=2)
             w.client.close()
         self.io.shutdown(wait=False, cancel_futures=True)
         self.server.stop()
@@ -241,6 +420,12 @@ class Coordinator:
 
     # -- membership ------------------------------------------------------------------------
     def _handle(self, method: str, params: Any, peer: Any) -> Any:
+        if not self.holds_lease():
+            if method == "status":
+                return self._standby_status()
+            leader = self.metalog.leader()
+            hint = leader.holder if leader and leader.holder != self.holder else ""
+            raise NotLeaderError(self.holder, hint)
         if method == "register":
             return self._register(params)
         if method == "heartbeat":
@@ -284,6 +469,8 @@ class Coordinator:
             return True
         if method == "request_commit":
             with self.lock:
+                if not self._may_act("grant a commit"):
+                    return "wait"
                 if params.get("worker") not in self.workers:
                     return "denied"  # a worker declared lost holds no commit right
                 return self.scheduler.request_commit(params["task"], params["attempt"])
@@ -299,7 +486,7 @@ class Coordinator:
         with self.lock:
             old = self.workers.get(wid)
             if old is None:
-                client = RpcClient(wid, secret=self.secret, max_frame=self.settings.max_frame_bytes)
+                client = WorkerClient(rpc_client(self.settings, wid), self.epoch)
                 self.workers[wid] = WorkerInfo(
                     wid,
                     params["slots"],
@@ -310,8 +497,10 @@ class Coordinator:
                 self.scheduler.add_worker(wid, params["slots"])
                 for bid in params.get("blocks", []):
                     self.scheduler.block_added(bid, wid)
-                self._assignment_dirty = True
                 log.info("worker %s joined (%d slots)", wid, params["slots"])
+            # a known worker registers again after it lost touch (its receivers paused):
+            # its partitions are sent again
+            self._assignment_dirty = True
             metrics.LIVE_WORKERS.set(len(self.workers))
         return {
             "epoch": self.epoch,
@@ -327,6 +516,8 @@ class Coordinator:
         event happens to come.
         """
         while not self.stopping.wait(SPECULATION_EVERY_S):
+            if not self._may_act("speculate"):
+                continue
             with self.lock:
                 if self.scheduler.batches and self.scheduler.running_count():
                     self._dispatch()
@@ -336,6 +527,8 @@ class Coordinator:
         iv = self.settings.heartbeat_interval
         limit = iv * self.settings.heartbeat_misses
         while not self.stopping.wait(iv / 2):
+            if not self._may_act("declare workers lost"):
+                continue
             now = time.monotonic()
             with self.lock:
                 lost = [w for w in self.workers.values() if now - w.last_seen > limit]
@@ -409,12 +602,8 @@ class Coordinator:
     # -- the batch clock -------------------------------------------------------------------
     def _clock(self) -> None:
         iv = self.settings.batch_interval
-        while not self.stopping.is_set():
-            with self.lock:
-                ready = len(self.workers) >= self.expect_workers
-            if ready:
-                break
-            time.sleep(0.05)
+        if not self._await_workers():
+            return
         with self.lock:
             calls = self._assign_partitions()
         self._send_assignments(calls)
@@ -432,6 +621,30 @@ class Coordinator:
                 self._seal_batch(int(wake * 1000))
             except Exception:
                 log.exception("sealing a batch failed")
+
+    def _await_workers(self, wait_s: float = REGISTRATION_WAIT_S) -> bool:
+        """Wait for ``expect_workers`` workers, or *wait_s* and at least one; False if stopped.
+
+        Like Spark's ``minRegisteredResourcesRatio`` with its 30 s
+        ``maxRegisteredResourcesWaitingTime``: starting with every expected worker avoids
+        moving partitions right after the first batch, but a missing pod never holds the
+        app back for long.
+        """
+        start = time.monotonic()
+        while not self.stopping.wait(0.05):
+            with self.lock:
+                n = len(self.workers)
+            if n >= self.expect_workers:
+                return True
+            if n and time.monotonic() - start >= wait_s:
+                log.warning(
+                    "starting with %d of %d expected workers after %.0f s",
+                    n,
+                    self.expect_workers,
+                    wait_s,
+                )
+                return True
+        return False
 
     def _replay_logged(self) -> None:
         """Batches an earlier coordinator logged but did not finish: run them again.
@@ -451,6 +664,8 @@ class Coordinator:
         self._dispatch()
 
     def _seal_batch(self, time_ms: int) -> None:
+        if not self._may_act("seal a batch"):
+            return
         with self.lock:
             b = self.next_batch
             self.next_batch += 1
@@ -712,7 +927,9 @@ class Coordinator:
         """Persist progress: batches done, checkpoints in force, lineage still needed."""
         try:
             for node, part, cb in ckpts:
-                self._durable("checkpoint pointer", self.metalog.set_checkpoint, node, part, cb)
+                self._durable(
+                    "checkpoint pointer", self.metalog.set_checkpoint, self.epoch, node, part, cb
+                )
                 self.checkpoint_store.delete_before(node, part, cb)
             self._durable("batch done", self.metalog.mark_done, self.epoch, b)
             self.metalog.forget_before(keep_from)
@@ -726,7 +943,24 @@ class Coordinator:
         return True
 
     # -- status ----------------------------------------------------------------------------
+    def _standby_status(self) -> dict[str, Any]:
+        """What a coordinator that does not lead can tell: who does."""
+        leader = None
+        with contextlib.suppress(Exception):
+            leader = self.metalog.leader()
+        return {
+            "app": self.app_id,
+            "role": "deposed" if self.deposed else "standby",
+            "coordinator": self.holder,
+            "leader": leader.holder if leader else None,
+            "leader_epoch": leader.epoch if leader else None,
+            "epoch": self.epoch,
+        }
+
     def status(self) -> dict[str, Any]:
+        """The leader's view of batches, workers and receivers (a standby's: the leader)."""
+        if not self.holds_lease():
+            return self._standby_status()
         with self.lock:
             batches = [
                 {
@@ -743,6 +977,8 @@ class Coordinator:
             ]
             return {
                 "app": self.app_id,
+                "role": "leader",
+                "coordinator": self.holder,
                 "epoch": self.epoch,
                 "next_batch": self.next_batch,
                 "pending": sorted(self.scheduler.batches),
@@ -784,7 +1020,7 @@ class Coordinator:
             }
 
 
-def _quiet_call(client: RpcClient, method: str, params: Any) -> None:
+def _quiet_call(client: WorkerClient, method: str, params: Any) -> None:
     try:
         client.call(method, params, timeout=SEAL_TIMEOUT_S)
     except RpcError as e:
@@ -803,7 +1039,9 @@ def run_coordinator(settings: Settings, app_path: str, app_id: str, expect_worke
     signal.signal(signal.SIGINT, _stop)
     c.start()
     while not done.wait(0.2):
-        if c.failed is not None:
+        if c.failed is not None or c.deposed:
             break
     c.stop()
+    if c.deposed:
+        return LOST_LEADERSHIP
     return APP_FAILED if c.failed is not None else 0

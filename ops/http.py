@@ -3,7 +3,8 @@
 * ``/metrics``: Prometheus exposition (prometheus-client's default registry);
 * ``/livez``: 200 while the process runs its loops;
 * ``/readyz``: 200 once the process can do its job (a worker registered with the
-  coordinator; the coordinator assigned partitions), else 503;
+  leading coordinator; a coordinator serves RPC and holds the leader lease: a standby is
+  alive but not ready), else 503;
 * ``/api/status``: the coordinator's status as JSON (batches, workers, receivers);
 * ``/``: the coordinator's live status page (``ops/static/status.html``).
 

@@ -72,6 +72,13 @@ DEGRADED = Gauge(
     "1 while a dependency (kafka, redis) is unreachable",
     ["dependency"],
 )
+LEADER = Gauge("dstream_coordinator_leader", "1 while this coordinator holds the leader lease")
+FENCED = Counter(
+    "dstream_fenced_total",
+    "Actions refused for want of a current epoch (worker: calls from a deposed coordinator; "
+    "coordinator: actions it refused while its lease was in doubt or lost)",
+    ["role"],
+)
 
 ALL_METRIC_NAMES = (
     "dstream_input_records_total",
@@ -95,4 +102,6 @@ ALL_METRIC_NAMES = (
     "dstream_dead_lettered_records_total",
     "dstream_live_workers",
     "dstream_dependency_degraded",
+    "dstream_coordinator_leader",
+    "dstream_fenced_total",
 )

@@ -6,8 +6,14 @@ msgpack body; messages are ``[0, msgid, method, params]`` (request),
 ``[2, method, params]`` (notification, no reply). Nothing is ever pickled: bodies are
 unpacked by msgpack with every length bounded by the frame limit, and only after the peer
 has passed a mutual HMAC-SHA256 challenge-response over a shared secret (the handshake
-frames are raw bytes, so nothing from an unauthenticated peer is even unpacked). TLS is
-optional (``ssl_context=``). msgpack arrays come back as lists (tuples do not survive).
+frames are raw bytes, so nothing from an unauthenticated peer is even unpacked).
+
+TLS is optional (``ssl_context=``: a context, or a callable giving the context to use for
+each new connection, as :class:`ops.tls.MutualTls` does to rotate certificates). With TLS,
+the TLS handshake (client certificate required by the server's context) completes before
+the server sends or reads any frame, and the shared-secret handshake then runs inside TLS.
+A server logs a refused TLS handshake once per peer host, not per attempt. msgpack arrays
+come back as lists (tuples do not survive).
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import ssl
 import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import msgpack
 
-from engine.errors import AuthError, ConfigError, FrameTooLarge, RpcError
+from engine.errors import AuthError, ConfigError, DStreamError, FrameTooLarge, RpcError
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -39,6 +46,7 @@ __all__ = [
     "RpcClient",
     "RpcServer",
     "RpcTimeout",
+    "SslContextSource",
     "connect",
     "make_ssl_contexts",
 ]
@@ -71,6 +79,14 @@ DEFAULT_HANDLER_THREADS = 16
 #: Requests of one connection queued or running at once; beyond this the server stops
 #: reading that connection, so TCP pushes back on a flooding peer instead of memory growing.
 MAX_IN_FLIGHT = 64
+#: Peer hosts whose refused TLS handshake a server remembers, so that it logs the refusal
+#: of each once: a misconfigured peer retrying every second does not flood the log, and a
+#: scan from many addresses cannot grow the set without bound (the oldest are forgotten).
+MAX_REFUSED_PEERS = 1024
+
+#: What ``ssl_context=`` takes: a fixed context, or a callable returning the context for
+#: each new connection (called once per connection, before the TLS handshake).
+SslContextSource = ssl.SSLContext | Callable[[], ssl.SSLContext]
 
 _MAGIC = b"DSR1"
 _NONCE = 32
@@ -114,19 +130,23 @@ def _mac(secret: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
 
 
 def make_ssl_contexts(cert: str, key: str, ca: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """Build ``(server_ctx, client_ctx)`` for mutual TLS from PEM files.
+    """Build fixed ``(server_ctx, client_ctx)`` for mutual TLS from PEM files.
 
-    Both sides present ``cert``/``key`` and verify the other against ``ca``. Hostnames are
-    not checked (fleet peers are addressed by pod IP); the CA is the identity boundary.
+    Both sides present ``cert``/``key`` and verify the other against ``ca`` (TLS 1.2+,
+    chain verified, host name not checked: see :func:`ops.tls.server_context`). The fleet
+    uses :class:`ops.tls.MutualTls` instead, which also reloads rotated files.
     """
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
-    server.load_cert_chain(cert, key)
-    server.verify_mode = ssl.CERT_REQUIRED
-    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    client.load_cert_chain(cert, key)
-    client.check_hostname = False
-    client.verify_mode = ssl.CERT_REQUIRED
-    return server, client
+    from ops.tls import TlsFiles, client_context, server_context
+
+    files = TlsFiles(cert, key, ca)
+    return server_context(files), client_context(files)
+
+
+def _context(source: SslContextSource | None) -> ssl.SSLContext | None:
+    """The context for a connection being made now (see :data:`SslContextSource`)."""
+    if source is None or isinstance(source, ssl.SSLContext):
+        return source
+    return source()
 
 
 class _Conn:
@@ -139,6 +159,8 @@ class _Conn:
         self._send_lock = threading.Lock()
         self.in_flight = threading.BoundedSemaphore(MAX_IN_FLIGHT)  # server side only
         self.closed = False
+        #: the peer's certificate (DER) once a TLS handshake verified it; None without TLS
+        self.peer_cert: bytes | None = None
 
     def _write(self, header: bytes, body: bytes) -> None:  # called with _send_lock held
         if len(body) <= _SMALL:
@@ -247,15 +269,28 @@ class _TlsConn(_Conn):
         self._tls_lock = threading.Lock()
 
     def handshake(self) -> None:
-        """Run the TLS handshake (before any other thread uses the connection)."""
+        """Run the TLS handshake (before any other thread uses the connection).
+
+        Raises:
+            ssl.SSLError: the handshake failed (e.g. the peer's certificate does not verify);
+                the TLS alert saying why has been sent to the peer, best effort.
+            ConnectionLost: the peer closed the connection during the handshake.
+            OSError: the socket failed or timed out.
+
+        """
         while True:
             try:
                 self._tls.do_handshake()
                 done = True
             except ssl.SSLWantReadError:
                 done = False
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):
+                    self._flush()  # the alert, so the peer learns why it is refused
+                raise
             self._flush()
             if done:
+                self.peer_cert = self._tls.getpeercert(binary_form=True)
                 return
             if not self._pull():
                 msg = f"{self.peername} closed the connection during the TLS handshake"
@@ -316,6 +351,11 @@ class Peer:
     def closed(self) -> bool:
         return self._conn.closed
 
+    @property
+    def certificate(self) -> bytes | None:
+        """The peer's TLS certificate (DER), verified against the CA; None without TLS."""
+        return self._conn.peer_cert
+
     def notify(self, method: str, params: Any = None) -> None:
         """Push a notification to this peer (thread-safe); ConnectionLost if it is gone."""
         if self._conn.closed:
@@ -351,7 +391,7 @@ class RpcServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_frame: int = DEFAULT_MAX_FRAME,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: SslContextSource | None = None,
         allow_insecure: bool = False,
         name: str = "rpc",
         handler_threads: int = DEFAULT_HANDLER_THREADS,
@@ -372,6 +412,13 @@ class RpcServer:
         self._accept_thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._stopping = False
+        self._refused: OrderedDict[str, None] = OrderedDict()  # guarded by _lock
+        self._refusals = 0
+
+    @property
+    def tls_refusals(self) -> int:
+        """Connections refused in the TLS handshake so far (every attempt counts)."""
+        return self._refusals
 
     @property
     def address(self) -> tuple[str, int]:
@@ -466,16 +513,22 @@ class RpcServer:
         try:
             _prepare_socket(sock)
             sock.settimeout(self._handshake_timeout)
-            if self._ssl is None:
+            ctx = _context(self._ssl)
+            if ctx is None:
                 conn = _Conn(sock, self._max_frame)
             else:
-                conn = _TlsConn(sock, self._max_frame, self._ssl, server_side=True)
+                conn = _TlsConn(sock, self._max_frame, ctx, server_side=True)
             with self._lock:
                 if self._stopping:
                     return
                 self._conns[me] = conn
             if isinstance(conn, _TlsConn):
-                conn.handshake()
+                try:
+                    conn.handshake()
+                except (OSError, RpcError) as exc:  # ssl.SSLError and timeouts are OSErrors
+                    if not conn.closed:  # not the server stopping
+                        self._refuse(conn.peername, exc)
+                    return
             if not self._handshake(conn):
                 return
             sock.settimeout(IO_TIMEOUT)
@@ -496,6 +549,45 @@ class RpcServer:
             with self._lock:
                 if not self._stopping:
                     self._conns.pop(me, None)
+
+    def _refuse(self, peername: Any, exc: BaseException) -> None:
+        """Count a refused TLS handshake; log it unless its host was refused before.
+
+        The last :data:`MAX_REFUSED_PEERS` refused hosts are remembered; the host, not the
+        ``(host, port)`` pair, since a retrying peer comes from a new port each time.
+        """
+        host = str(peername[0]) if isinstance(peername, tuple) else str(peername)
+        with self._lock:
+            self._refusals += 1
+            first = host not in self._refused
+            self._refused[host] = None
+            self._refused.move_to_end(host)
+            while len(self._refused) > MAX_REFUSED_PEERS:
+                self._refused.popitem(last=False)
+        if isinstance(exc, ssl.SSLError):
+            reason = exc.reason or str(exc)
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                reason = f"{reason}: {exc.verify_message}"
+        elif isinstance(exc, TimeoutError):
+            reason = f"no TLS handshake within {self._handshake_timeout} s (a plaintext client?)"
+        else:
+            reason = str(exc) or repr(exc)
+        if "ALERT" in str(reason).upper():  # the peer sent the alert: it refused us
+            hint = "the peer refused our certificate (does it trust our CA?)"
+        else:
+            hint = "this peer needs a certificate from the fleet's CA (DSTREAM_TLS_*)"
+        if first:
+            log.warning(
+                "%s: refused %s: TLS handshake failed (%s); %s. Further refusals of %s are "
+                "not logged",
+                self._name,
+                peername,
+                reason,
+                hint,
+                host,
+            )
+        else:
+            log.debug("%s: refused %s again: %s", self._name, peername, reason)
 
     def _dispatch(self, conn: _Conn, peer: Peer, message: Any) -> None:
         if isinstance(message, list) and len(message) == 4 and message[0] == _REQUEST:
@@ -528,6 +620,9 @@ class RpcServer:
         result: Any = None
         try:
             result = self._handler(method, params, peer)
+        except DStreamError as exc:  # an answer the caller handles (not leader, fenced...)
+            log.debug("%s: %r refused: %s", self._name, method, exc)
+            error = [type(exc).__name__, str(exc)]
         except Exception as exc:
             log.warning("%s: handler of %r raised", self._name, method, exc_info=True)
             error = [type(exc).__name__, str(exc)]
@@ -567,7 +662,7 @@ class RpcClient:
         *,
         secret: bytes,
         max_frame: int = DEFAULT_MAX_FRAME,
-        ssl_context: ssl.SSLContext | None = None,
+        ssl_context: SslContextSource | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         on_notify: Callable[[str, Any], None] | None = None,
         allow_insecure: bool = False,
@@ -677,9 +772,10 @@ class RpcClient:
             _prepare_socket(sock)
             sock.settimeout(self._handshake_timeout)
             conn = _Conn(sock, self._max_frame)
-            if self._ssl is not None:
-                host = self.address[0] if self._ssl.check_hostname else None
-                conn = _TlsConn(sock, self._max_frame, self._ssl, server_side=False, hostname=host)
+            ctx = _context(self._ssl)
+            if ctx is not None:
+                host = self.address[0] if ctx.check_hostname else None
+                conn = _TlsConn(sock, self._max_frame, ctx, server_side=False, hostname=host)
                 conn.handshake()
             self._handshake(conn)
             sock.settimeout(IO_TIMEOUT)
@@ -688,6 +784,9 @@ class RpcClient:
             sock.close()
             if isinstance(exc, ssl.SSLCertVerificationError):
                 msg = f"TLS peer verification of {self.address} failed: {exc}"
+                raise AuthError(msg) from exc
+            if isinstance(exc, ssl.SSLError):  # e.g. the server's alert: it refused our cert
+                msg = f"TLS handshake with {self.address} failed: {exc}"
                 raise AuthError(msg) from exc
             if isinstance(exc, OSError):
                 msg = f"handshake with {self.address} failed: {exc!r}"
@@ -698,6 +797,10 @@ class RpcClient:
         where = f"RPC server at {self.address[0]}:{self.address[1]}"
         try:
             hello = conn.recv_raw(HANDSHAKE_MAX_FRAME, idle_ok=False)
+        except ssl.SSLError as exc:  # TLS 1.3: the server checks our certificate after our
+            # side of the handshake is done, so its refusal arrives as an alert here
+            msg = f"{where} refused the TLS connection (our certificate?): {exc}"
+            raise AuthError(msg) from exc
         except (RpcError, OSError) as exc:
             msg = f"{where} did not greet: {exc}"
             raise AuthError(msg) from exc

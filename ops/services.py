@@ -146,3 +146,54 @@ def source_layout(
             seen[tp] = n.id
         layout[n.id] = tps
     return layout
+
+
+def rpc_server(
+    settings: Settings, handler: Any, *, port: int, name: str, host: str | None = None
+) -> Any:
+    """The RPC server of a fleet role, with the settings' secret, frame limit and TLS.
+
+    Every role builds its server here, so transport security is configured in one place.
+    With ``tls_cert``, ``tls_key`` and ``tls_ca`` set, the server requires mutual TLS (a
+    client certificate chaining to the CA) and picks up rotated files for new connections
+    (:mod:`ops.tls`); the shared secret is still checked inside TLS.
+
+    Raises:
+        ConfigError: only some of the TLS settings are set, or their files do not load.
+
+    """
+    from ops.rpc import RpcServer
+    from ops.tls import from_settings
+
+    tls = from_settings(settings)
+    return RpcServer(
+        handler,
+        secret=settings.secret.get_secret_value().encode(),
+        host=settings.bind_host if host is None else host,
+        port=port,
+        max_frame=settings.max_frame_bytes,
+        name=name,
+        ssl_context=None if tls is None else tls.server,
+    )
+
+
+def rpc_client(settings: Settings, address: str) -> Any:
+    """An RPC client to *address* (``host:port``) with the settings' secret, limit and TLS.
+
+    With TLS configured (see :func:`rpc_server`), each connection the client opens presents
+    the process's current certificate and verifies the server's chain against the CA.
+
+    Raises:
+        ConfigError: only some of the TLS settings are set, or their files do not load.
+
+    """
+    from ops.rpc import RpcClient
+    from ops.tls import from_settings
+
+    tls = from_settings(settings)
+    return RpcClient(
+        address,
+        secret=settings.secret.get_secret_value().encode(),
+        max_frame=settings.max_frame_bytes,
+        ssl_context=None if tls is None else tls.client,
+    )

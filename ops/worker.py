@@ -26,8 +26,9 @@ from ingest.receiver import Assignment, Receivers
 from ops import faults, metrics
 from ops.config import Settings
 from ops.http import HttpEndpoints
-from ops.rpc import ConnectionLost, RemoteError, RpcClient, RpcServer, RpcTimeout
-from ops.services import build_context, redis_client
+from ops.leader_client import LeaderClient
+from ops.rpc import RemoteError, RpcClient
+from ops.services import build_context, redis_client, rpc_client, rpc_server
 from ops.sinks import FleetSinks
 from state.blockstore import BlockStore
 from state.checkpoint import RedisCheckpointStore
@@ -40,6 +41,18 @@ FETCH_TIMEOUT_S = 20.0
 #: Back-off between commit-right polls while earlier batches of the partition commit.
 COMMIT_WAIT_S = 0.005
 
+
+#: After SIGTERM, running tasks get this long to finish before the process exits anyway
+#: (well inside Kubernetes' default 30 s grace period; the coordinator reruns them).
+STOP_DEADLINE_S = 15.0
+#: A registration call waits this long (a paused coordinator accepts but never answers).
+REGISTER_TIMEOUT_S = 5.0
+#: Calls only a coordinator makes; each carries its epoch, and an older one is refused.
+COORDINATOR_CALLS = frozenset(
+    {"launch", "seal", "assign", "free", "cancel", "read_input", "replicate_to"}
+)
+#: While the coordinator stays unreachable, say so this often (and once at once).
+UNREACHABLE_LOG_EVERY_S = 30.0
 
 #: How often a worker hands freed heap pages back to the OS (see :func:`release_free_memory`).
 TRIM_EVERY_S = 10.0
@@ -91,24 +104,14 @@ class Worker:
         self.settings = settings
         self.app_path = app_path
         self.app_id = app_id
-        self.secret = settings.secret.get_secret_value().encode()
         self.ssc = build_context(app_path, settings)
         self.store = BlockStore()
         self.receivers = Receivers(
             settings.kafka_client_config(**{"group.id": f"dstream-{app_id}-receivers"}),
             settings.max_records_per_partition,
         )
-        self.server = RpcServer(
-            self._handle,
-            secret=self.secret,
-            host=settings.bind_host,
-            port=0,
-            max_frame=settings.max_frame_bytes,
-            name="worker",
-        )
-        self.coordinator = RpcClient(
-            settings.coordinator, secret=self.secret, max_frame=settings.max_frame_bytes
-        )
+        self.server = rpc_server(settings, self._handle, port=settings.rpc_port, name="worker")
+        self.coordinator = LeaderClient(settings)
         self.pool = ThreadPoolExecutor(settings.task_slots, thread_name_prefix="task")
         self.peers: dict[str, RpcClient] = {}
         self.peer_ids: list[str] = []
@@ -136,6 +139,12 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        """Serve RPC and HTTP, then join the fleet in the background.
+
+        Returns at once: registration (which waits for a coordinator, for as long as it
+        takes) and heartbeats run on the ``membership`` thread, so a SIGTERM is handled at
+        any point of the worker's life. The worker is ready once registered.
+        """
         self.server.start()
         host, port = self.server.address
         adv = self.settings.advertise_host or (
@@ -144,22 +153,36 @@ class Worker:
         self.id = f"{adv}:{port}"
         self.http = HttpEndpoints(
             self.settings.bind_host,
-            self.settings.http_port if self.settings.http_port else 0,
+            self.settings.http_port_for("worker"),
             live=lambda: not self.stopping.is_set() and not self.receivers.errors,
-            ready=lambda: self.plan is not None,
+            ready=lambda: self.plan is not None and not self.stopping.is_set(),
         ).start()
-        self._register()
-        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         log.info(
-            "worker %s up (app %s, %d slots, http :%d)",
+            "worker %s up (app %s, %d slots, rpc :%d, http :%d); joining coordinator %s",
             self.id,
             self.app_id,
             self.settings.task_slots,
+            port,
             self.http.port,
+            self.settings.coordinator,
         )
+        self._membership = threading.Thread(target=self._membership_loop, name="membership")
+        self._membership.daemon = True
+        self._membership.start()
 
-    def _register(self) -> None:
+    def _membership_loop(self) -> None:
+        if self._register():
+            self._heartbeat_loop()
+
+    def _register(self) -> bool:
+        """Register with the coordinator, retrying until it answers or the worker stops.
+
+        An unreachable coordinator is logged at warning level once, then every
+        :data:`UNREACHABLE_LOG_EVERY_S` while it stays unreachable. Returns False when the
+        worker was stopped first.
+        """
         delay = 0.05
+        warned_at: float | None = None
         while not self.stopping.is_set():
             try:
                 reply = self.coordinator.call(
@@ -170,15 +193,23 @@ class Worker:
                         "blocks": self.store.ids(),
                         "http_port": self.http.port,
                     },
-                    timeout=10,
+                    timeout=REGISTER_TIMEOUT_S,
                 )
                 break
-            except (ConnectionLost, RpcTimeout) as e:
-                log.debug("coordinator not reachable yet: %s", e)
-                time.sleep(delay)
+            except RpcError as e:
+                now = time.monotonic()
+                if warned_at is None or now - warned_at >= UNREACHABLE_LOG_EVERY_S:
+                    warned_at = now
+                    log.warning(
+                        "no leading coordinator at %s (%s); retrying", self.settings.coordinator, e
+                    )
+                if self.stopping.wait(delay):
+                    return False
                 delay = min(1.0, delay * 2)
         else:
-            return
+            return False
+        if self.epoch and reply["epoch"] != self.epoch:
+            log.info("joined a new coordinator (epoch %d -> %d)", self.epoch, reply["epoch"])
         self.epoch = reply["epoch"]
         self.first = reply["first"]
         self.last_ok = time.monotonic()
@@ -189,10 +220,19 @@ class Worker:
             self.executor = Executor(
                 self.plan, self.first, self.ssc.batch_interval_ms, self.settings.fail_on_error
             )
+        return True
 
     def _heartbeat_loop(self) -> None:
+        """Heartbeat until stopped; rejoin a coordinator that does not know this worker.
+
+        A coordinator that stops or dies leaves this worker running with its blocks: while
+        none answers, receiving pauses (batches are only cut on a coordinator's clock) once
+        the lease has run out, and the next coordinator's ``unknown`` answer makes the
+        worker register again (with its blocks), under the new epoch.
+        """
         iv = self.settings.heartbeat_interval
         trimmed = time.monotonic()
+        orphaned = False
         while not self.stopping.wait(iv):
             if time.monotonic() - trimmed >= TRIM_EVERY_S:
                 trimmed = time.monotonic()
@@ -214,33 +254,74 @@ class Worker:
                     metrics.RECEIVER_LAG.labels(topic=t, partition=str(p)).set(n)
                 metrics.BLOCK_STORE_BLOCKS.set(len(self.store))
                 if reply == "unknown":
-                    # declared lost (paused, partitioned): forget the old lease and rejoin
+                    # declared lost (paused, partitioned) or a new coordinator: rejoin
                     self.incarnation += 1
                     self.receivers.assign([])
-                    log.warning("worker %s was declared lost; rejoining", self.id)
-                    self._register()
+                    log.warning(
+                        "worker %s is unknown to the coordinator (declared lost, or a new "
+                        "coordinator); rejoining",
+                        self.id,
+                    )
+                    if not self._register():
+                        return
+                    orphaned = False
+                elif orphaned:
+                    # the same coordinator is back: register again so that it resends
+                    # this worker's partitions (its receivers were paused)
+                    if not self._register():
+                        return
+                    orphaned = False
                 else:
                     self.last_ok = time.monotonic()
             except RpcError as e:
                 log.debug("heartbeat failed: %s", e)
+                if not orphaned and time.monotonic() - self.last_ok > self.lease:
+                    orphaned = True
+                    # no coordinator: stop reading (nothing will seal it); keep the blocks
+                    self.receivers.assign([])
+                    log.warning(
+                        "coordinator %s lost (%s); keeping %d blocks, waiting for the next one",
+                        self.settings.coordinator,
+                        e,
+                        len(self.store),
+                    )
 
-    def stop(self) -> None:
+    def stop(self, deadline_s: float = STOP_DEADLINE_S) -> bool:
+        """Stop serving and release everything; idempotent.
+
+        Running tasks get until *deadline_s* after the call to finish (the coordinator
+        reruns whatever does not); returns False when some did not finish by then. Called
+        from the main thread after SIGTERM, well inside a pod's grace period.
+        """
         if self.stopping.is_set():
-            return
+            return True
         self.stopping.set()
+        end = time.monotonic() + deadline_s
         self.receivers.stop()
         if getattr(self, "http", None) is not None:
             self.http.stop()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.ckpt_pool.shutdown(wait=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.ckpt_pool.shutdown(wait=False)
+        clean = _join_all(
+            [*self.pool._threads, *self.ckpt_pool._threads],  # type: ignore[attr-defined]
+            end,
+        )
         self.server.stop()
         self.coordinator.close()
-        for c in self.peers.values():
+        for c in list(self.peers.values()):
             c.close()
         self.sinks.close()
+        return clean
 
     # -- rpc -------------------------------------------------------------------------------
     def _handle(self, method: str, params: Any, peer: Any) -> Any:
+        if method in COORDINATOR_CALLS:
+            epoch = params.get("epoch")
+            if epoch is not None and epoch < self.epoch:
+                # a deposed coordinator (paused past its lease, then woken): refuse it
+                metrics.FENCED.labels(role="worker").inc()
+                msg = f"{method} from epoch {epoch} refused: the leader's epoch is {self.epoch}"
+                raise FencedError(msg)
         if method == "fetch":
             return self.store.get_bytes(params["block"], params.get("bucket", -1))
         if method == "launch":
@@ -281,9 +362,6 @@ class Worker:
             return True
         if method == "ping":
             return self.id
-        if method == "stop":
-            threading.Thread(target=self.stop, daemon=True).start()
-            return True
         msg = f"unknown method {method}"
         raise DStreamError(msg)
 
@@ -291,7 +369,7 @@ class Worker:
         with self._lock:
             c = self.peers.get(addr)
             if c is None:
-                c = RpcClient(addr, secret=self.secret, max_frame=self.settings.max_frame_bytes)
+                c = rpc_client(self.settings, addr)
                 self.peers[addr] = c
             return c
 
@@ -569,9 +647,22 @@ class Worker:
             log.warning("could not report failure of %s: %s", spec.id, e)
 
 
-def run_worker(settings: Settings, app_path: str, app_id: str) -> int:
-    """Run a worker until SIGTERM/SIGINT; returns the exit code."""
-    w = Worker(settings, app_path, app_id)
+def _join_all(threads: list[threading.Thread], end: float) -> bool:
+    """Join *threads* until the monotonic time *end*; True when all of them finished."""
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    return not any(t.is_alive() for t in threads)
+
+
+def run_worker(
+    settings: Settings, app_path: str, app_id: str, stop_deadline_s: float = STOP_DEADLINE_S
+) -> int:
+    """Run a worker until SIGTERM/SIGINT; returns the exit code (0: asked to stop).
+
+    The signal handlers are installed before anything else, and the main thread only
+    waits: a signal is handled at any point, before registration, during a batch, or with
+    no coordinator. Tasks still running *stop_deadline_s* after the signal are abandoned.
+    """
     done = threading.Event()
 
     def _stop(_sig: int, _frm: Any) -> None:
@@ -579,7 +670,13 @@ def run_worker(settings: Settings, app_path: str, app_id: str) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    w = Worker(settings, app_path, app_id)
+    if done.is_set():
+        return 0
     w.start()
     done.wait()
-    w.stop()
+    log.info("worker %s stopping", w.id)
+    if not w.stop(stop_deadline_s):
+        log.warning("tasks still running after %.0f s abandoned (they are rerun)", stop_deadline_s)
+    log.info("worker %s stopped", w.id)
     return 0

@@ -7,7 +7,10 @@ Per app (every key is prefixed ``dstream:{app_id}:``):
 * ``batches``: batch index -> msgpack ``{block_id: [topic, partition, from, until, count]}``,
   written **before** the batch is scheduled (Kafka is the durable log; ``until`` exclusive);
 * ``done``: the highest batch such that it and every batch before it completed;
-* ``checkpoints``: ``node:partition`` -> batch of the last complete state checkpoint.
+* ``checkpoints``: ``node:partition`` -> batch of the last complete state checkpoint;
+* ``lease``: the leading coordinator, ``epoch|holder`` with an expiry. Taking the lease bumps
+  the epoch, so the epoch is the leader's fencing token: a deposed leader's writes carry an
+  older one and are refused.
 
 One interface, two backends: :class:`RedisMetaLog` and :class:`MemoryMetaLog` (unit tests).
 """
@@ -15,7 +18,9 @@ One interface, two backends: :class:`RedisMetaLog` and :class:`MemoryMetaLog` (u
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from engine._codec import pack, unpack
@@ -24,8 +29,50 @@ from engine.errors import FencedError
 OffsetRange = tuple[str, int, int, int, int]  # topic, partition, from, until, count
 
 
+@dataclass(frozen=True)
+class Lease:
+    """The leading coordinator as the lease names it."""
+
+    epoch: int
+    holder: str  # the leader's advertised RPC address
+
+    def encode(self) -> str:
+        return f"{self.epoch}|{self.holder}"
+
+    @classmethod
+    def decode(cls, raw: str | bytes) -> Lease:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        epoch, _, holder = text.partition("|")
+        return cls(int(epoch), holder)
+
+
 class MetaLog(ABC):
     """The coordinator's durable metadata."""
+
+    @abstractmethod
+    def acquire_lease(self, holder: str, ttl_s: float) -> Lease | None:
+        """Take the leader lease if nobody holds it (or *holder* itself does); else None.
+
+        Taking it bumps the epoch atomically (the new leader's fencing token). A holder
+        that finds its own name on the lease is a restart of the same address (the old
+        process is gone: the new one could bind that address) and takes over at once.
+        """
+
+    @abstractmethod
+    def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
+        """Extend *lease* by *ttl_s*; False when another leader took it since.
+
+        A lease that expired with nobody taking it (or lost in a Redis restart) is taken
+        back, as long as the epoch is still the lease's.
+        """
+
+    @abstractmethod
+    def release_lease(self, lease: Lease) -> None:
+        """Give up *lease* (a graceful stop), so a standby takes over without waiting."""
+
+    @abstractmethod
+    def leader(self) -> Lease | None:
+        """The current lease, or None when nobody leads."""
 
     @abstractmethod
     def bump_epoch(self) -> int:
@@ -60,8 +107,8 @@ class MetaLog(ABC):
         """Drop offset ranges of batches before *b* (lineage no longer needed)."""
 
     @abstractmethod
-    def set_checkpoint(self, node: int, part: int, b: int) -> None:
-        """State of (node, part) at batch *b* is fully written."""
+    def set_checkpoint(self, epoch: int, node: int, part: int, b: int) -> None:
+        """State of (node, part) at batch *b* is fully written; fenced like the others."""
 
     @abstractmethod
     def checkpoints(self) -> dict[tuple[int, int], int]:
@@ -78,6 +125,41 @@ class MemoryMetaLog(MetaLog):
         self._batches: dict[int, dict[str, OffsetRange]] = {}
         self._done: int | None = None
         self._ckpt: dict[tuple[int, int], int] = {}
+        self._lease: Lease | None = None
+        self._lease_until = 0.0
+
+    def _current_lease(self) -> Lease | None:
+        if self._lease is not None and time.monotonic() >= self._lease_until:
+            self._lease = None
+        return self._lease
+
+    def acquire_lease(self, holder: str, ttl_s: float) -> Lease | None:
+        with self._lock:
+            cur = self._current_lease()
+            if cur is not None and cur.holder != holder:
+                return None
+            self._epoch += 1
+            self._lease = Lease(self._epoch, holder)
+            self._lease_until = time.monotonic() + ttl_s
+            return self._lease
+
+    def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
+        with self._lock:
+            cur = self._current_lease()
+            if cur == lease or (cur is None and self._epoch == lease.epoch):
+                self._lease = lease
+                self._lease_until = time.monotonic() + ttl_s
+                return True
+            return False
+
+    def release_lease(self, lease: Lease) -> None:
+        with self._lock:
+            if self._current_lease() == lease:
+                self._lease = None
+
+    def leader(self) -> Lease | None:
+        with self._lock:
+            return self._current_lease()
 
     def bump_epoch(self) -> int:
         with self._lock:
@@ -120,8 +202,9 @@ class MemoryMetaLog(MetaLog):
             for x in [x for x in self._batches if x < b]:
                 del self._batches[x]
 
-    def set_checkpoint(self, node: int, part: int, b: int) -> None:
+    def set_checkpoint(self, epoch: int, node: int, part: int, b: int) -> None:
         with self._lock:
+            self._fence(epoch)
             if b > self._ckpt.get((node, part), -1):
                 self._ckpt[(node, part)] = b
 
@@ -147,9 +230,41 @@ local old = tonumber(redis.call('GET', KEYS[2]) or '-1')
 if tonumber(ARGV[2]) > old then redis.call('SET', KEYS[2], ARGV[2]) end
 return 1
 """
-_MAX_HSET = """
-local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
-if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+_FENCED_MAX_HSET = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[1]) < cur then
+  return redis.error_reply('FENCED epoch ' .. ARGV[1] .. ' < ' .. cur)
+end
+local old = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '-1')
+if tonumber(ARGV[3]) > old then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) end
+return 1
+"""
+# KEYS[1] = lease, KEYS[2] = epoch; ARGV[1] = holder, ARGV[2] = ttl ms -> new epoch or nil
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local sep = string.find(cur, '|', 1, true)
+  if string.sub(cur, sep + 1) ~= ARGV[1] then return false end
+end
+local e = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], e .. '|' .. ARGV[1], 'PX', ARGV[2])
+return e
+"""
+# KEYS[1] = lease, KEYS[2] = epoch; ARGV[1] = lease value, ARGV[2] = ttl ms, ARGV[3] = epoch
+_RENEW = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if (not cur) and redis.call('GET', KEYS[2]) == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
@@ -162,7 +277,10 @@ class RedisMetaLog(MetaLog):
         self.prefix = f"dstream:{app_id}:"
         self._hset = client.register_script(_FENCED_HSET)
         self._max = client.register_script(_FENCED_MAX)
-        self._max_hset = client.register_script(_MAX_HSET)
+        self._max_hset = client.register_script(_FENCED_MAX_HSET)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -176,6 +294,26 @@ class RedisMetaLog(MetaLog):
             if "FENCED" in str(e):
                 raise FencedError(str(e)) from e
             raise
+
+    def acquire_lease(self, holder: str, ttl_s: float) -> Lease | None:
+        e = self._acquire(
+            keys=[self.key("lease"), self.key("epoch")], args=[holder, int(ttl_s * 1000)]
+        )
+        return None if e is None else Lease(int(e), holder)
+
+    def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
+        ok = self._renew(
+            keys=[self.key("lease"), self.key("epoch")],
+            args=[lease.encode(), int(ttl_s * 1000), lease.epoch],
+        )
+        return bool(ok)
+
+    def release_lease(self, lease: Lease) -> None:
+        self._release(keys=[self.key("lease")], args=[lease.encode()])
+
+    def leader(self) -> Lease | None:
+        raw = self.r.get(self.key("lease"))
+        return None if raw is None else Lease.decode(raw)
 
     def bump_epoch(self) -> int:
         return int(self.r.incr(self.key("epoch")))
@@ -210,8 +348,12 @@ class RedisMetaLog(MetaLog):
         if old:
             self.r.hdel(self.key("batches"), *old)
 
-    def set_checkpoint(self, node: int, part: int, b: int) -> None:
-        self._max_hset(keys=[self.key("checkpoints")], args=[f"{node}:{part}", b])
+    def set_checkpoint(self, epoch: int, node: int, part: int, b: int) -> None:
+        self._call(
+            self._max_hset,
+            [self.key("epoch"), self.key("checkpoints")],
+            [epoch, f"{node}:{part}", b],
+        )
 
     def checkpoints(self) -> dict[tuple[int, int], int]:
         out: dict[tuple[int, int], int] = {}

@@ -3,24 +3,43 @@
 helm is built by ``make setup`` (``ops/devkit/install_helm.sh``); it is found through
 ``$DSTREAM_HELM``, the build's cache dir, then ``PATH``. Without it these tests FAIL: the
 chart is part of the product and must not silently go untested.
+
+Where the chart and the code must agree (ports, flags, settings), the tests load the rendered
+environment and arguments with the code itself (``ops.config.Settings``,
+``ops.cli.build_parser``) instead of repeating its numbers; the docs are checked against the
+chart, the settings, the metrics and the HTTP endpoints.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import copy
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
 import yaml
+
+from ops import metrics
+from ops.cli import build_parser
+from ops.config import (
+    COORDINATOR_HTTP_PORT,
+    COORDINATOR_RPC_PORT,
+    WORKER_HTTP_PORT,
+    WORKER_RPC_PORT,
+    Settings,
+    load_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "dstream-fleet"
@@ -34,6 +53,15 @@ K8S_VERSIONS = ("1.29.0", "1.37.0")
 #: Custom resources: no schema in kubernetes-validate; their fields are checked by assertion.
 CRD_KINDS = {"ServiceMonitor"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
+#: ``DSTREAM_*`` variables that are not settings, and the file that reads each.
+NON_SETTING_VARS = {
+    "DSTREAM_LOG_LEVEL": ROOT / "ops" / "_cli_run.py",
+    "DSTREAM_UPDATE_SCREENSHOTS": ROOT / "tests" / "e2e" / "test_status_page.py",
+}
+DOCS = (ROOT / "docs" / "deploy.md", ROOT / "docs" / "operations.md")
+#: librdkafka's port when a bootstrap entry has none; Redis's for a URL without one.
+KAFKA_DEFAULT_PORT = 9092
+REDIS_DEFAULT_PORT = 6379
 
 
 def _find_helm() -> str | None:
@@ -123,6 +151,88 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in container.get("env", [])}
+
+
+def _pod_name(workload: dict[str, Any]) -> str:
+    """A name the workload's first pod gets (StatefulSet: ordinal 0)."""
+    name = workload["metadata"]["name"]
+    return f"{name}-0" if workload["kind"] == "StatefulSet" else f"{name}-7d9f8b6c5-x2x4q"
+
+
+def _process_env(
+    docs: list[dict[str, Any]], workload: dict[str, Any], container: dict[str, Any]
+) -> dict[str, str]:
+    """The environment the container's process sees, as the kubelet builds it.
+
+    ConfigMaps of ``envFrom`` first, then ``env`` in order (a later entry wins), with
+    ``$(VAR)`` expanded from what is defined before it; Secrets are stand-ins (the JSON
+    settings an empty object) and field references resolve to the pod's name and namespace.
+    """
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(_one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    fields = {"metadata.name": _pod_name(workload), "metadata.namespace": NAMESPACE}
+    for e in container.get("env", []):
+        if "value" in e:
+            value = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), e["value"]
+            )
+        elif "fieldRef" in e["valueFrom"]:
+            value = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            assert "secretKeyRef" in e["valueFrom"], e
+            value = "{}" if e["name"] == "DSTREAM_KAFKA_CONFIG" else "stand-in secret"
+        env[e["name"]] = value
+    return env
+
+
+def _process(
+    monkeypatch: pytest.MonkeyPatch,
+    docs: list[dict[str, Any]],
+    workload: dict[str, Any],
+    container: dict[str, Any],
+) -> tuple[Settings, argparse.Namespace]:
+    """The settings and parsed arguments of the container's ``dstream`` process.
+
+    The image's entrypoint is ``dstream``: the rendered args go through the real parser, and
+    the settings load from the rendered environment with the flags that name a setting
+    overriding it, as ``dstream coordinator`` and ``dstream worker`` do.
+    """
+    args = build_parser().parse_args(container["args"])
+    for name in list(os.environ):
+        if name.startswith("DSTREAM_"):
+            monkeypatch.delenv(name)
+    for name, value in _process_env(docs, workload, container).items():
+        monkeypatch.setenv(name, value)
+    flags = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return load_settings(**flags), args
+
+
+def _port(address: str) -> int:
+    """The port of ``host:port``."""
+    return int(address.rpartition(":")[2])
+
+
+def _rule_ports(rule: dict[str, Any]) -> set[int]:
+    return {p["port"] for p in rule.get("ports", [])}
+
+
+def _bootstrap_ports(bootstrap: str) -> set[int]:
+    """The ports of a Kafka bootstrap list (librdkafka: 9092 when an entry has none)."""
+    ports = set()
+    for entry in (e.strip() for e in bootstrap.split(",")):
+        if entry:
+            m = re.search(r":(\d+)$", entry)
+            ports.add(int(m[1]) if m else KAFKA_DEFAULT_PORT)
+    return ports
+
+
+def _redis_ports(url: str) -> set[int]:
+    """The port of a Redis URL (6379 when a redis:// or rediss:// URL has none)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return set()  # unix://: a local socket
+    return {parts.port or REDIS_DEFAULT_PORT}
 
 
 @pytest.fixture(params=CASES, ids=CASE_IDS)
@@ -284,14 +394,20 @@ def test_coordinator_and_settings(case: Any) -> None:
     coord = dep["spec"]["template"]["spec"]["containers"][0]
     assert coord["args"][:3] == ["coordinator", "--app", "/app/app.py"]
     svc = _one(docs, "Service", dep["metadata"]["name"])
-    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"rpc": 7070, "http": 8080}
+    ports = vals["coordinator"]["ports"]
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {
+        "rpc": ports["rpc"],
+        "http": ports["http"],
+    }
 
     settings_name = f"{RELEASE}-dstream-fleet-settings"
     settings = _one(docs, "ConfigMap", settings_name)["data"]
     for wl in _workloads(docs):
         for c in _containers(wl):
             assert {"configMapRef": {"name": settings_name}} in c["envFrom"]
-    assert settings["DSTREAM_COORDINATOR"] == f"{svc['metadata']['name']}.{NAMESPACE}.svc:7070"
+    assert settings["DSTREAM_COORDINATOR"] == (
+        f"{svc['metadata']['name']}.{NAMESPACE}.svc:{ports['rpc']}"
+    )
     assert settings["DSTREAM_BIND_HOST"] == "0.0.0.0"
     s = vals["settings"]
     assert float(settings["DSTREAM_BATCH_INTERVAL"]) == s["batchInterval"]
@@ -309,6 +425,134 @@ def test_coordinator_and_settings(case: Any) -> None:
         assert "DSTREAM_KAFKA_CONFIG" not in settings
     # Nothing secret in the settings ConfigMap.
     assert not any("PASSWORD" in k or k == "DSTREAM_SECRET" for k in settings)
+
+
+# --- the chart and the code agree ----------------------------------------------------------------
+
+
+def test_chart_defaults_are_the_code_defaults() -> None:
+    vals = _values(None)
+    assert vals["coordinator"]["ports"] == {
+        "rpc": COORDINATOR_RPC_PORT,
+        "http": COORDINATOR_HTTP_PORT,
+    }
+    assert vals["worker"]["ports"] == {"rpc": WORKER_RPC_PORT, "http": WORKER_HTTP_PORT}
+    # The image EXPOSEs the same ports.
+    exposed = {
+        int(p)
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.split()[:1] == ["EXPOSE"]
+        for p in line.split()[1:]
+    }
+    assert exposed == {
+        COORDINATOR_RPC_PORT,
+        COORDINATOR_HTTP_PORT,
+        WORKER_RPC_PORT,
+        WORKER_HTTP_PORT,
+    }
+
+
+def test_processes_listen_where_the_chart_points(
+    case: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each role's process, as the code reads the rendered pod, listens on the ports that the
+    pod, its Service and its probes name, and reaches the coordinator where it listens."""
+    values, docs = case
+    vals = _values(values)
+    dep = _of_kind(docs, "Deployment")[0]
+    sts = _of_kind(docs, "StatefulSet")[0]
+    coord_svc = _one(docs, "Service", dep["metadata"]["name"])
+    headless = _one(docs, "Service", sts["spec"]["serviceName"])
+    coord_c = dep["spec"]["template"]["spec"]["containers"][0]
+    worker_c = sts["spec"]["template"]["spec"]["containers"][0]
+
+    coord, coord_args = _process(monkeypatch, docs, dep, coord_c)
+    assert coord_args.command == "coordinator"
+    assert coord_args.expect_workers == vals["worker"]["replicas"]
+    worker, worker_args = _process(monkeypatch, docs, sts, worker_c)
+    assert worker_args.command == "worker"
+
+    for settings, role, container, svc in (
+        (coord, "coordinator", coord_c, coord_svc),
+        (worker, "worker", worker_c, headless),
+    ):
+        ports = vals[role]["ports"]
+        container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        service_ports = {p["name"]: (p["port"], p["targetPort"]) for p in svc["spec"]["ports"]}
+        listens = {
+            "rpc": _port(settings.coordinator) if role == "coordinator" else settings.rpc_port,
+            "http": settings.http_port_for(role),
+        }
+        assert listens == ports, role
+        assert container_ports == ports, role
+        assert service_ports == {name: (port, name) for name, port in ports.items()}, role
+        assert settings.bind_host == "0.0.0.0", role  # every interface of the pod
+
+    # Workers reach the coordinator through its Service, at the port it listens on.
+    assert worker.coordinator == coord.coordinator
+    host = worker.coordinator.rpartition(":")[0]
+    assert host == f"{coord_svc['metadata']['name']}.{NAMESPACE}.svc"
+    # Peers reach a worker by its stable name in the headless Service.
+    assert worker.advertise_host == (
+        f"{_pod_name(sts)}.{headless['metadata']['name']}.{NAMESPACE}.svc"
+    )
+
+
+def test_every_dstream_variable_is_read(case: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``DSTREAM_*`` that nothing reads: each is a setting (or read where listed)."""
+    _, docs = case
+    fields = {f"DSTREAM_{name.upper()}" for name in Settings.model_fields}
+    for wl in _workloads(docs):
+        for c in _containers(wl):
+            env = _process_env(docs, wl, c)
+            unknown = {k for k in env if k.startswith("DSTREAM_")} - fields - set(NON_SETTING_VARS)
+            assert not unknown, f"{wl['metadata']['name']}: nothing reads {sorted(unknown)}"
+            _process(monkeypatch, docs, wl, c)  # and every value is valid
+
+
+def test_tls_settings_point_into_the_mounted_secret(
+    case: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values, docs = case
+    tls = _values(values)["rpc"]["tls"]
+    for wl in _workloads(docs):
+        pod = wl["spec"]["template"]["spec"]
+        for c in pod["containers"]:
+            settings, _ = _process(monkeypatch, docs, wl, c)
+            files = (settings.tls_cert, settings.tls_key, settings.tls_ca)
+            if not tls["enabled"]:
+                assert files == ("", "", ""), wl["metadata"]["name"]
+                continue
+            (mount,) = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+            # No subPath: an updated Secret reaches the mounted files (rotation).
+            assert "subPath" not in mount and mount["readOnly"] is True
+            (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+            items = {i["path"] for i in volume["secret"]["items"]}
+            for f in files:
+                directory, _, name = f.rpartition("/")
+                assert directory == mount["mountPath"] and name in items, f
+
+
+def test_startup_probe_is_optional(case: Any) -> None:
+    values, docs = case
+    vals = _values(values)
+    for wl in _workloads(docs):
+        role = wl["metadata"]["labels"]["app.kubernetes.io/component"]
+        want = vals[role]["startupProbe"]
+        (c,) = wl["spec"]["template"]["spec"]["containers"]
+        if not want["enabled"]:
+            assert "startupProbe" not in c, role
+            continue
+        probe = c["startupProbe"]
+        assert probe.pop("httpGet") == {"path": "/livez", "port": "http"}, role
+        assert probe == {k: v for k, v in want.items() if k != "enabled"}, role
+
+
+def test_startup_probe_off_by_default_on_in_the_tuned_ci_file(helm: str) -> None:
+    assert not _values(None)["coordinator"]["startupProbe"]["enabled"]
+    assert not _values(None)["worker"]["startupProbe"]["enabled"]
+    tuned = _render(helm, _ci("tuned"))
+    assert all("startupProbe" in c for wl in _workloads(tuned) for c in _containers(wl))
 
 
 def test_app_file_is_mounted(case: Any) -> None:
@@ -415,6 +659,11 @@ def test_tls_secret_is_mounted(case: Any) -> None:
         ("worker.resources.limits=null", "limits"),
         ("settings.batchInterval=0", "batchInterval"),
         ("networkPolicy.enabld=true", "enabld"),
+        ("coordinator.strategy.type=RollingUpdate", "strategy"),
+        ("worker.startupProbe.enable=true", "enable"),
+        ("worker.startupProbe.successThreshold=2", "successThreshold"),
+        ("networkPolicy.kafka.ports[0]=9092", "ports"),
+        ("worker.ports.rpc=0", "rpc"),
     ],
 )
 def test_schema_rejects_bad_values(helm: str, override: str, message: str) -> None:
@@ -434,23 +683,87 @@ def _ci(name_part: str) -> Path:
 def test_network_policy_on_by_default_off_in_its_ci_file(helm: str) -> None:
     (np,) = _of_kind(_render(helm, None), "NetworkPolicy")
     assert _of_kind(_render(helm, _ci("no-networkpolicy")), "NetworkPolicy") == []
-
     spec = np["spec"]
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
-    for wl in _workloads(_render(helm, None)):
-        labels = wl["spec"]["template"]["metadata"]["labels"]
-        assert _matches(spec["podSelector"]["matchLabels"], labels)
-    ingress_ports = [{p["port"] for p in rule["ports"]} for rule in spec["ingress"]]
-    assert {7070, 7071} in ingress_ports
-    assert {8080, 8081} in ingress_ports
-    rpc_rule = spec["ingress"][ingress_ports.index({7070, 7071})]
-    assert rpc_rule["from"] == [{"podSelector": spec["podSelector"]}]
-    scrape_rule = spec["ingress"][ingress_ports.index({8080, 8081})]
+    scrape_rule = next(r for r in spec["ingress"] if COORDINATOR_HTTP_PORT in _rule_ports(r))
     assert scrape_rule["from"][0]["namespaceSelector"]["matchLabels"]
-    egress_ports = set()
-    for rule in spec["egress"]:
-        egress_ports |= {p["port"] for p in rule["ports"]}
-    assert {53, 6379, 9092, 7070, 7071} <= egress_ports
+    egress_ports = set().union(*(_rule_ports(r) for r in spec["egress"]))
+    assert {53, KAFKA_DEFAULT_PORT, REDIS_DEFAULT_PORT} <= egress_ports
+
+
+def test_network_policy_follows_the_configured_addresses(
+    case: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RPC between fleet pods on the ports the processes listen on; egress to exactly the
+    Kafka and Redis ports of the addresses the processes read (plus the extra ports)."""
+    values, docs = case
+    vals = _values(values)
+    policies = _of_kind(docs, "NetworkPolicy")
+    if not vals["networkPolicy"]["enabled"]:
+        assert policies == []
+        return
+    (np,) = policies
+    spec = np["spec"]
+    fleet = [{"podSelector": spec["podSelector"]}]
+    for wl in _workloads(docs):
+        assert _matches(
+            spec["podSelector"]["matchLabels"], wl["spec"]["template"]["metadata"]["labels"]
+        )
+    dep = _of_kind(docs, "Deployment")[0]
+    sts = _of_kind(docs, "StatefulSet")[0]
+    coord, _ = _process(monkeypatch, docs, dep, dep["spec"]["template"]["spec"]["containers"][0])
+    worker, _ = _process(monkeypatch, docs, sts, sts["spec"]["template"]["spec"]["containers"][0])
+
+    rpc = {_port(coord.coordinator), worker.rpc_port}
+    http = {coord.http_port_for("coordinator"), worker.http_port_for("worker")}
+    ingress = [_rule_ports(r) for r in spec["ingress"]]
+    assert rpc in ingress
+    assert spec["ingress"][ingress.index(rpc)]["from"] == fleet
+    assert http in ingress
+    to_fleet = [r for r in spec["egress"] if r.get("to") == fleet]
+    assert [_rule_ports(r) for r in to_fleet] == [rpc]
+
+    np_vals = vals["networkPolicy"]
+    for name, ports in (
+        ("kafka", _bootstrap_ports(worker.kafka_bootstrap)),
+        ("redis", _redis_ports(worker.redis_url.get_secret_value())),
+    ):
+        assert coord.kafka_bootstrap == worker.kafka_bootstrap
+        want = ports | set(np_vals[name]["extraPorts"])
+        rules = [r for r in spec["egress"] if r is not to_fleet[0] and _rule_ports(r) & want]
+        assert [_rule_ports(r) for r in rules] == [want], name
+        assert rules[0].get("to", []) == np_vals[name]["to"], name
+    # No rule of the chart allows everything (a rule with neither ports nor peers does).
+    for rule in spec["egress"][: len(spec["egress"]) - len(np_vals["extraEgress"])]:
+        assert rule.get("ports") or rule.get("to"), rule
+
+
+def test_network_policy_egress_ports_are_derived(helm: str, tmp_path: Path) -> None:
+    values = tmp_path / "addresses-values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {"bootstrap": " k0:19092, k1 ,[::1]:19093,SASL_SSL://k2:19094,k0:19092"},
+                "redis": {"url": "rediss://user@cache.example/3"},
+                "networkPolicy": {"kafka": {"extraPorts": [9094]}},
+            }
+        )
+    )
+    (np,) = _of_kind(_render(helm, values), "NetworkPolicy")
+    egress = [_rule_ports(r) for r in np["spec"]["egress"]]
+    assert {19092, KAFKA_DEFAULT_PORT, 19093, 19094, 9094} in egress
+    assert {REDIS_DEFAULT_PORT} in egress
+
+    (np,) = _of_kind(_render(helm, None, "redis.url=unix:///run/redis.sock"), "NetworkPolicy")
+    egress = [_rule_ports(r) for r in np["spec"]["egress"]]
+    assert {REDIS_DEFAULT_PORT} not in egress
+    assert all(r.get("ports") or r.get("to") for r in np["spec"]["egress"])
+
+    # ci/04: Kafka on 9093 and Redis over TLS on 6380 only, not the usual ports.
+    (np,) = _of_kind(_render(helm, _ci("existing-secrets")), "NetworkPolicy")
+    egress_ports = set().union(*(_rule_ports(r) for r in np["spec"]["egress"]))
+    assert {9093, 6380} <= egress_ports
+    assert not {KAFKA_DEFAULT_PORT, REDIS_DEFAULT_PORT} & egress_ports
 
 
 def test_service_monitor_off_by_default_on_in_its_ci_file(helm: str) -> None:
@@ -477,9 +790,18 @@ def test_service_monitor_off_by_default_on_in_its_ci_file(helm: str) -> None:
 
 
 def test_standby_coordinator(helm: str) -> None:
+    (dep,) = _of_kind(_render(helm, None), "Deployment")
+    assert dep["spec"]["replicas"] == 1
     (dep,) = _of_kind(_render(helm, _ci("standby")), "Deployment")
     assert dep["spec"]["replicas"] == 2
-    assert dep["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_coordinator_is_recreated(case: Any) -> None:
+    """Readiness means leading: a rolling update would wait forever for a new pod to be
+    ready while the old one leads, so the old pods go first (the schema refuses others)."""
+    _, docs = case
+    (dep,) = _of_kind(docs, "Deployment")
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
 
 
 def test_grafana_dashboard_configmap(helm: str) -> None:
@@ -516,3 +838,115 @@ def test_notes_name_the_addresses(helm: str, tmp_path: Path) -> None:
     assert f"http://{RELEASE}-dstream-fleet-coordinator.{NAMESPACE}.svc:8080/metrics" in notes
     assert f"http://{RELEASE}-dstream-fleet-coordinator.{NAMESPACE}.svc:8080/" in notes
     assert ".svc:8081/metrics" in notes
+
+
+# --- the docs match the chart and the code -------------------------------------------------------
+
+
+def _doc_files() -> list[Path]:
+    chart_text = [CHART / "values.yaml", CHART / "templates" / "NOTES.txt", *CI_FILES]
+    return [*DOCS, *chart_text]
+
+
+def _inline_code(markdown: str) -> list[str]:
+    """Inline code spans of *markdown*, outside fenced blocks."""
+    prose = re.sub(r"^```.*?^```", "", markdown, flags=re.MULTILINE | re.DOTALL)
+    return re.findall(r"`([^`\n]+)`", prose)
+
+
+def test_docs_name_only_settings_that_exist() -> None:
+    fields = {f"DSTREAM_{name.upper()}" for name in Settings.model_fields}
+    for path in _doc_files():
+        for var in set(re.findall(r"DSTREAM_[A-Z0-9_]*[A-Z0-9]", path.read_text())):
+            if var in NON_SETTING_VARS:
+                assert var in NON_SETTING_VARS[var].read_text(), var
+            else:
+                assert var in fields, f"{path.name} names {var}, which is no setting"
+
+
+def test_docs_name_only_metrics_that_exist() -> None:
+    for path in DOCS:
+        for name in set(re.findall(r"\bdstream_[a-z_]+[a-z]", path.read_text())):
+            base = re.sub(r"_(bucket|count|sum)$", "", name)
+            assert base in metrics.ALL_METRIC_NAMES, f"{path.name} names metric {name}"
+
+
+def test_docs_name_only_endpoints_that_exist() -> None:
+    http = (ROOT / "ops" / "http.py").read_text()
+    ops_doc = DOCS[1].read_text()
+    table = ops_doc[ops_doc.index("| path |") :].split("\n\n", 1)[0]
+    paths = re.findall(r"^\| `(/[^`]*)`", table, flags=re.MULTILINE)
+    assert {"/metrics", "/livez", "/readyz"} <= set(paths)
+    for path in paths:
+        assert f'"{path}"' in http, (
+            f"operations.md documents {path}, ops/http.py serves no such path"
+        )
+    for path in DOCS:
+        for code in _inline_code(path.read_text()):
+            if re.fullmatch(r"/[a-z/]*", code) and not code.startswith(("/app", "/etc", "/tmp")):
+                assert f'"{code}"' in http, f"{path.name}: {code}"
+
+
+def test_docs_name_only_flags_that_exist() -> None:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = {o for p in sub.choices.values() for a in p._actions for o in a.option_strings}
+    for path in DOCS:
+        for code in _inline_code(path.read_text()):
+            if code.startswith(("helm ", "kubectl ")):
+                continue
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", code):
+                assert flag in flags, (
+                    f"{path.name}: `{code}` names {flag}, no dstream command has it"
+                )
+
+
+def _documented_values_keys() -> set[str]:
+    """The keys of the Values table in deploy.md, expanded: ``a.b.c``, ``.d`` or ``d`` (a
+    sibling of the previous key), ``<role>.x`` (coordinator and worker)."""
+    text = DOCS[0].read_text()
+    table = text[text.index("| key | default | meaning |") :].split("\n\n", 1)[0]
+    keys: set[str] = set()
+    for row in table.splitlines()[2:]:
+        previous = ""
+        for i, token in enumerate(re.findall(r"`([^`]+)`", row.split("|")[1])):
+            if "." in token.lstrip(".") or (i == 0 and not token.startswith(".")):
+                key = token
+            else:
+                key = f"{previous.rpartition('.')[0]}.{token.lstrip('.')}".lstrip(".")
+            previous = key
+            for role in ("coordinator", "worker"):
+                keys.add(key.replace("<role>", role))
+    return keys
+
+
+def _lookup(values: dict[str, Any], key: str) -> bool:
+    node: Any = values
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def test_values_table_matches_values_yaml() -> None:
+    values = _values(None)
+    documented = _documented_values_keys()
+    missing = sorted(k for k in documented if not _lookup(values, k))
+    assert not missing, f"deploy.md documents values that do not exist: {missing}"
+    # And every value down to the second level is documented.
+    for top, node in values.items():
+        paths = [f"{top}.{sub}" for sub in node] if isinstance(node, dict) and node else [top]
+        for p in paths:
+            assert any(
+                k == p or k.startswith(f"{p}.") or p.startswith(f"{k}.") for k in documented
+            ), f"deploy.md's Values table does not document {p}"
+
+
+def test_docs_name_the_generated_secret_key(helm: str) -> None:
+    (secret,) = _of_kind(_render(helm, None), "Secret")
+    (key,) = secret["data"]
+    for path in DOCS:
+        text = path.read_text()
+        assert "`shared-secret`" not in text or path.name == "deploy.md", path.name
+        assert f"key `{key}`" in text, f"{path.name} does not name the generated key {key}"

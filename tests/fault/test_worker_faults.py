@@ -89,5 +89,8 @@ def test_paused_worker_commits_nothing(scenario, tmp_path):
     res = scenario(
         fault=fault,
     )
-    assert "was declared lost; rejoining" in res["log"]
+    assert (
+        "is unknown to the coordinator (declared lost, or a new coordinator); rejoining"
+        in res["log"]
+    )
     assert len(res["status"]["workers"]) == 3  # it rejoined cleanly

@@ -47,6 +47,7 @@ def workers(
         redis_url=redis_url,
         secret="stale-block-test-secret",
         coordinator="127.0.0.1:9",
+        rpc_port=0,
     )
     made = []
     for _ in range(2):

@@ -226,3 +226,50 @@ checksum/settings: {{ include (print .Template.BasePath "/configmap-settings.yam
 checksum/app: {{ include (print .Template.BasePath "/configmap-app.yaml") . | sha256sum }}
 {{- end }}
 {{- end }}
+
+{{/*
+Egress ports derived from the configured addresses, as a comma-separated list (first seen
+first, no duplicates), followed by networkPolicy.<kafka|redis>.extraPorts.
+Kafka: the port of every host:port in kafka.bootstrap (librdkafka's default 9092 when an
+entry has none). Redis: the port of redis.url (6379 for redis:// and rediss:// without
+one; nothing for unix://, a local socket).
+*/}}
+{{- define "dstream-fleet.kafkaPorts" -}}
+{{- $ports := list }}
+{{- range splitList "," .Values.kafka.bootstrap }}
+{{- $entry := trim . }}
+{{- if $entry }}
+{{- $port := regexFind ":[0-9]+$" $entry | trimPrefix ":" }}
+{{- $ports = append $ports (default "9092" $port) }}
+{{- end }}
+{{- end }}
+{{- range .Values.networkPolicy.kafka.extraPorts }}
+{{- $ports = append $ports (toString .) }}
+{{- end }}
+{{- $ports | uniq | join "," }}
+{{- end }}
+
+{{- define "dstream-fleet.redisPorts" -}}
+{{- $ports := list }}
+{{- $url := urlParse .Values.redis.url }}
+{{- if has $url.scheme (list "redis" "rediss") }}
+{{- $port := regexFind ":[0-9]+$" $url.host | trimPrefix ":" }}
+{{- $ports = append $ports (default "6379" $port) }}
+{{- end }}
+{{- range .Values.networkPolicy.redis.extraPorts }}
+{{- $ports = append $ports (toString .) }}
+{{- end }}
+{{- $ports | uniq | join "," }}
+{{- end }}
+
+{{/*
+The optional startupProbe on the http port; liveness and readiness probes start only once it
+has passed. Call with the role's startupProbe values (timings; "enabled" is left out).
+*/}}
+{{- define "dstream-fleet.startupProbe" -}}
+startupProbe:
+  httpGet:
+    path: /livez
+    port: http
+  {{- toYaml (omit . "enabled") | nindent 2 }}
+{{- end }}

@@ -4,7 +4,7 @@ Order: throughput (it measures the maximum rate the others scale from), latency,
 stable interval, memory soak (``--soak-minutes``, 10 by default, the issue's figure),
 coordinator scale, worker profile,
 recovery from a killed worker (checkpoints every 2, 10, 30 batches), straggler with and
-without speculation.
+without speculation, failover to a standby coordinator (kill -9 and SIGSTOP of the leader).
 Each step writes a markdown fragment and its PNGs into ``bench/results/``; a step that
 fails is reported as failed and the others still run. Needs ``dstream dev up`` (the
 ``make bench`` target starts it).
@@ -34,6 +34,7 @@ STEPS = (
     "profile",
     "recovery",
     "straggler",
+    "failover",
 )
 
 
@@ -66,7 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     q = args.quick
-    from bench import interval, latency, profile_fleet, recovery, scale, soak, straggler, throughput
+    from bench import (
+        failover,
+        interval,
+        latency,
+        profile_fleet,
+        recovery,
+        scale,
+        soak,
+        straggler,
+        throughput,
+    )
 
     plan: dict[str, tuple[Callable[[list[str]], int], list[str]]] = {
         "throughput": (throughput.main, ["--records", "400000" if q else "2000000"]),
@@ -80,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             ["--checkpoints", "2,10", "--steady", "8", "--after", "12"] if q else [],
         ),
         "straggler": (straggler.main, ["--seconds", "10" if q else "20"]),
+        "failover": (failover.main, ["--steady", "6", "--after", "12"] if q else []),
     }
     status: dict[str, str] = {}
     c.print_machine()

@@ -31,7 +31,7 @@ from engine._scheduler import (
     Scheduler,
     tune_gc,
 )
-from engine.errors import DStreamError, NotLeaderError, RpcError
+from engine.errors import DStreamError, FencedError, NotLeaderError, RpcError
 from ops import metrics
 from ops.config import Settings
 from ops.http import HttpEndpoints
@@ -609,8 +609,10 @@ class Coordinator:
         self._send_assignments(calls)
         with self.lock:
             self._replay_logged()
+        # the first batch is cut at once: after a takeover, the records since the last
+        # leader's last batch are already waiting
         start = time.time()
-        k = 0
+        k = -1
         while not self.stopping.is_set():
             k += 1
             wake = start + k * iv
@@ -766,7 +768,8 @@ class Coordinator:
         """Run a Redis write until it succeeds; fencing errors are not retried.
 
         The fleet waits (degraded, said once in the log and in a metric) rather than go on
-        without the metadata it must write first.
+        without the metadata it must write first. A fenced write means another coordinator
+        leads: this one steps down at once, without waiting for its next lease renewal.
         """
         import redis
 
@@ -775,6 +778,10 @@ class Coordinator:
         while True:
             try:
                 result = fn(*args)
+            except FencedError:
+                if not self.deposed:
+                    self._step_down()
+                raise
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 if not degraded:
                     degraded = True

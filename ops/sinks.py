@@ -277,6 +277,31 @@ class FleetSinks(SinkEnv):
             where = f"{node.name} partition {spec.part}: Kafka commit of batch {spec.batch}"
             raise _kafka_error(where, e) from e
 
+    def _kafka_commit_fresh_on_fence(
+        self,
+        node: Node,
+        spec: TaskSpec,
+        batch_ms: int,
+        records: list[Any],
+        guard: Callable[[], bool] | None,
+    ) -> None:
+        """:meth:`_kafka_commit`, once more with a fresh producer if the cached one was fenced.
+
+        Output partitions move between workers (speculation, a new leader), so a producer
+        cached here may have been fenced since by the same transactional id elsewhere. The
+        commit right is this attempt's, so a fresh producer (whose ``init_transactions``
+        fences the other) commits it at once instead of failing the task; the marker check
+        skips a batch already written.
+        """
+        cached = (node.id, spec.part) in self._producers
+        try:
+            self._kafka_commit(node, spec, batch_ms, records, guard)
+        except FencedError as e:
+            if not cached or (guard is not None and not guard()):
+                raise
+            log.info("%s; retrying with a fresh producer", e)
+            self._kafka_commit(node, spec, batch_ms, records, guard)
+
     @staticmethod
     def _committed(marker: Any, tp: Any) -> int | None:
         """The marker group's committed offset, retrying transient coordinator errors."""
@@ -361,7 +386,7 @@ class FleetSinks(SinkEnv):
     ) -> None:
         sink = node.args["sink"]
         if sink == "kafka":
-            self._kafka_commit(node, spec, batch_time_ms, records, guard)
+            self._kafka_commit_fresh_on_fence(node, spec, batch_time_ms, records, guard)
         elif sink == "redis":
             self._redis_commit(node, spec, records, guard)
         else:

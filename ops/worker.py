@@ -47,6 +47,8 @@ COMMIT_WAIT_S = 0.005
 STOP_DEADLINE_S = 15.0
 #: A registration call waits this long (a paused coordinator accepts but never answers).
 REGISTER_TIMEOUT_S = 5.0
+#: Registration retries back off up to this: a standby about to lead is joined soon after.
+REGISTER_BACKOFF_MAX_S = 0.25
 #: Calls only a coordinator makes; each carries its epoch, and an older one is refused.
 COORDINATOR_CALLS = frozenset(
     {"launch", "seal", "assign", "free", "cancel", "read_input", "replicate_to"}
@@ -205,7 +207,7 @@ class Worker:
                     )
                 if self.stopping.wait(delay):
                     return False
-                delay = min(1.0, delay * 2)
+                delay = min(REGISTER_BACKOFF_MAX_S, delay * 2)
         else:
             return False
         if self.epoch and reply["epoch"] != self.epoch:

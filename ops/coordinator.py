@@ -169,6 +169,7 @@ class Coordinator:
             settings, self._handle, port=settings.coordinator_port, name="coordinator"
         )
         self._assignment_dirty = True
+        self._holder = ""
 
     def _take_over(self, lease: Lease) -> None:
         """Become the leader under *lease*: read the metadata log and resume from it.
@@ -261,11 +262,13 @@ class Coordinator:
         Only one live process can hold an address (it is bound), so a coordinator that
         finds its own address on the lease is a restart of a dead one.
         """
-        host, port = self.server.address
-        adv = self.settings.advertise_host or (
-            host if host not in ("0.0.0.0", "::", "") else socket.gethostname()  # noqa: S104
-        )
-        return f"{adv}:{port}"
+        if not self._holder:  # once, while the listener is bound (it is closed at stop)
+            host, port = self.server.address
+            adv = self.settings.advertise_host or (
+                host if host not in ("0.0.0.0", "::", "") else socket.gethostname()  # noqa: S104
+            )
+            self._holder = f"{adv}:{port}"
+        return self._holder
 
     def holds_lease(self) -> bool:
         """Whether this coordinator took the lease and was not deposed (it may be in doubt)."""
@@ -302,6 +305,7 @@ class Coordinator:
         Service routes workers and clients to the leader alone.
         """
         self.server.start()
+        _ = self.holder
         self.http = HttpEndpoints(
             self.settings.bind_host,
             self.settings.http_port_for("coordinator"),

@@ -1,8 +1,8 @@
 """Coordinator scale: the real scheduling logic with simulated workers that finish at once.
 
 The job is the page-view pipeline's 3-stage shape (``kafka_stream -> map -> reduce_by_key ->
-running_reduce -> to_kafka``) compiled by the real :class:`engine._plan.Plan`, scheduled by
-the real :class:`engine._scheduler.Scheduler`, driven the way ``ops/coordinator.py`` drives
+running_reduce -> to_kafka``) compiled by the real :class:`engine.plan.Plan`, scheduled by
+the real :class:`engine.scheduler.Scheduler`, driven the way ``ops/coordinator.py`` drives
 it: per batch, every input block is reported with its two holders (the receiver's worker
 and its replica peer), then ``add_batch`` and ``tick``; every finished task is reported with
 ``task_finished`` (output tasks first ask ``request_commit``) and followed by a ``tick``
@@ -36,8 +36,8 @@ from typing import Any
 
 from bench import _common as c
 from engine import StreamingContext
-from engine._plan import Plan
-from engine._scheduler import BatchCompleted, LaunchTask, Scheduler, tune_gc
+from engine.plan import Plan
+from engine.scheduler import BatchCompleted, LaunchTask, Scheduler, tune_gc
 from ops.worker import task_spec_to_wire
 
 SLOTS = 2

@@ -1,7 +1,7 @@
 """dstream-fleet's public API: Discretized Streams on Kafka and Redis."""
 
-from engine._graph import TIMEOUT, DStream, StreamingContext
 from engine.errors import DStreamError, GraphError, UserFunctionError
+from engine.graph import TIMEOUT, DStream, StreamingContext
 
 __all__ = [
     "TIMEOUT",

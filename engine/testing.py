@@ -18,10 +18,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine._graph import DStream, StreamingContext
-from engine._local import LocalRunner
-from engine._reference import ReferenceRunner
-from engine._sinks import LocalSinks
+from engine.graph import DStream, StreamingContext
+from engine.local import LocalRunner
+from engine.reference import ReferenceRunner
+from engine.sinks import LocalSinks
 
 Pipeline = Callable[..., DStream]
 

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine._codec import encode_input_block
+from engine.codec import encode_input_block
 
 log = logging.getLogger("dstream.receiver")
 

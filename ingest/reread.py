@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from engine._codec import encode_input_block
+from engine.codec import encode_input_block
 from engine.errors import DStreamError
 
 #: A range is at most one batch of records; 60 s bounds a re-read on a slow broker.

@@ -1,6 +1,6 @@
 """The coordinator: membership, partition assignment, the batch clock, scheduling, commits.
 
-The I/O shell around the pure :class:`engine._scheduler.Scheduler`. Each interval it seals
+The I/O shell around the pure :class:`engine.scheduler.Scheduler`. Each interval it seals
 batch ``b`` on every worker (receivers cut their blocks and replicate them), writes the
 batch's offset ranges to Redis, and only then schedules the batch's tasks. It grants each
 (batch, output partition) its one commit right and marks batches complete in Redis.
@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine._plan import Plan
-from engine._scheduler import (
+from engine.errors import DStreamError, FencedError, NotLeaderError, RpcError
+from engine.plan import Plan
+from engine.scheduler import (
     SPECULATION_EVERY_S,
     BatchCompleted,
     CancelTask,
@@ -31,7 +32,6 @@ from engine._scheduler import (
     Scheduler,
     tune_gc,
 )
-from engine.errors import DStreamError, FencedError, NotLeaderError, RpcError
 from ops import metrics
 from ops.config import Settings
 from ops.http import HttpEndpoints
@@ -56,6 +56,10 @@ SEAL_TIMEOUT_S = 10.0
 #: The longest the first batch waits for ``--expect-workers`` (Spark's default
 #: ``spark.scheduler.maxRegisteredResourcesWaitingTime``); it then starts with whoever joined.
 REGISTRATION_WAIT_S = 30.0
+#: After a restart or a takeover, the live workers rejoin within a heartbeat or two: the
+#: first batch waits at most this long for ``--expect-workers`` (a scaled-down fleet has
+#: fewer than the chart's replica count says).
+REJOIN_WAIT_S = 2.0
 #: Exit code of a coordinator whose app failed (fail_on_error): not restarted.
 APP_FAILED = 3
 #: Exit code of a coordinator that lost the lease to another: restarted, as a standby.
@@ -606,7 +610,10 @@ class Coordinator:
     # -- the batch clock -------------------------------------------------------------------
     def _clock(self) -> None:
         iv = self.settings.batch_interval
-        if not self._await_workers():
+        # a new app waits for its fleet; one that ran before resumes with the workers that
+        # rejoin (they do within a heartbeat or two), not with the number it was told
+        fresh = self.done is None and not self.replay
+        if not self._await_workers(REGISTRATION_WAIT_S if fresh else REJOIN_WAIT_S):
             return
         with self.lock:
             calls = self._assign_partitions()
@@ -628,7 +635,7 @@ class Coordinator:
             except Exception:
                 log.exception("sealing a batch failed")
 
-    def _await_workers(self, wait_s: float = REGISTRATION_WAIT_S) -> bool:
+    def _await_workers(self, wait_s: float) -> bool:
         """Wait for ``expect_workers`` workers, or *wait_s* and at least one; False if stopped.
 
         Like Spark's ``minRegisteredResourcesRatio`` with its 30 s

@@ -13,8 +13,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from engine._graph import StreamingContext
 from engine.errors import ConfigError, GraphError
+from engine.graph import StreamingContext
 from ops.config import Settings, load_settings
 
 #: Redis socket timeouts: a dead server is noticed within seconds, not minutes.

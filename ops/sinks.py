@@ -23,12 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from engine._codec import pack
-from engine._exec import DeadLetter
-from engine._graph import Node
-from engine._plan import TaskSpec
-from engine._sinks import SinkEnv, run_engine_sink
+from engine.codec import pack
 from engine.errors import DStreamError, FencedError
+from engine.executor import DeadLetter
+from engine.graph import Node
+from engine.plan import TaskSpec
+from engine.sinks import SinkEnv, run_engine_sink
 from ops import faults
 from ops.config import Settings
 

@@ -1,7 +1,7 @@
 """``dstream verify``: compare an app's committed Kafka output with a reference computation.
 
 The output topic is read with ``read_committed`` (what a downstream consumer sees); the
-reference is :class:`engine._reference.ReferenceRunner` run on the app's own graph over
+reference is :class:`engine.reference.ReferenceRunner` run on the app's own graph over
 every record of the input topic. Two kinds of output can be checked exactly without
 knowing how the input was cut into batches:
 
@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from engine._codec import MAX_BLOCK_BYTES, CodecError, unpack
-from engine._graph import Node, StreamingContext
-from engine._reference import ReferenceRunner
+from engine.codec import MAX_BLOCK_BYTES, CodecError, unpack
 from engine.errors import ConfigError
+from engine.graph import Node, StreamingContext
+from engine.reference import ReferenceRunner
 from ops.sinks import encode_output
 
 #: Operators that map each input record to output records independently of the others.

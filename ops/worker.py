@@ -17,11 +17,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine._codec import CodecError, encode_input_block, input_block_range, pack, unpack
-from engine._exec import BlockMissing, Executor, StateBlock
-from engine._plan import Plan, TaskSpec, block_node
-from engine._scheduler import CHECKPOINT
+from engine.codec import CodecError, encode_input_block, input_block_range, pack, unpack
 from engine.errors import DStreamError, FencedError, RpcError
+from engine.executor import BlockMissing, Executor, StateBlock
+from engine.plan import Plan, TaskSpec, block_node
+from engine.scheduler import CHECKPOINT
 from ingest.receiver import Assignment, Receivers
 from ops import faults, metrics
 from ops.config import Settings

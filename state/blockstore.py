@@ -16,8 +16,8 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
-from engine._exec import BlockMissing, StateBlock, block_size
 from engine.errors import StateError
+from engine.executor import BlockMissing, StateBlock, block_size
 
 
 class BlockStoreFull(StateError):
@@ -79,7 +79,7 @@ class BlockStore:
         if isinstance(block, StateBlock):
             return block.to_bytes()
         if isinstance(block, list):
-            from engine._codec import pack
+            from engine.codec import pack
 
             return pack(block)
         return bytes(block)

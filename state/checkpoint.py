@@ -53,7 +53,7 @@ class CheckpointStore(ABC):
         """
         import time
 
-        from engine._codec import pack
+        from engine.codec import pack
 
         chunks = []
         for i in range(0, max(len(items), 1), ITEMS_PER_CHUNK):
@@ -63,7 +63,7 @@ class CheckpointStore(ABC):
         return sum(len(c) for c in chunks)
 
     def read_items(self, node: int, part: int, batch: int) -> list[Any]:
-        from engine._codec import unpack
+        from engine.codec import unpack
 
         out: list[Any] = []
         for c in self.read_chunks(node, part, batch):

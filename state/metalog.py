@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from engine._codec import pack, unpack
+from engine.codec import pack, unpack
 from engine.errors import FencedError
 
 OffsetRange = tuple[str, int, int, int, int]  # topic, partition, from, until, count

@@ -12,8 +12,8 @@ from typing import Any
 
 import redis
 
-from engine._graph import StreamingContext
-from engine._reference import ReferenceRunner
+from engine.graph import StreamingContext
+from engine.reference import ReferenceRunner
 from ops.devservices import free_port
 from ops.produce import produce_pageviews
 from ops.services import load_app

@@ -24,7 +24,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from engine import StreamingContext
-from engine._reference import ReferenceRunner
+from engine.reference import ReferenceRunner
 from engine.testing import assert_batches_equal, run_pipeline, run_reference
 from state.metalog import RedisMetaLog
 from tests.fleetkit import run_fleet, wait_for

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from engine._codec import unpack
+from engine.codec import unpack
 from ops.produce import produce_pageviews
 from state.checkpoint import RedisCheckpointStore
 from state.metalog import RedisMetaLog
@@ -115,7 +115,7 @@ def test_checkpoint_equals_reference_state(
                     continue
                 _topic, p, lo, until, _n = rng
                 ref.update(records[(p, o)] for o in range(lo, until))
-        from engine._codec import stable_hash
+        from engine.codec import stable_hash
 
         mine = {url: (n, 0) for url, n in ref.items()}
         mine = {url: n for url, (n, _) in mine.items() if stable_hash(url) % 4 == part}

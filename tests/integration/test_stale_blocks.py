@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine._codec import encode_input_block, input_block_range
-from engine._exec import BlockMissing
+from engine.codec import encode_input_block, input_block_range
+from engine.executor import BlockMissing
 from ops.config import load_settings
 from ops.worker import Worker
 from state.blockstore import BlockStore

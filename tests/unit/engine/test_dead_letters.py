@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from engine import StreamingContext
-from engine._codec import encode_input_block
-from engine._local import LocalRunner
-from engine._sinks import LocalSinks
+from engine.codec import encode_input_block
 from engine.errors import UserFunctionError
+from engine.local import LocalRunner
+from engine.sinks import LocalSinks
 from engine.testing import assert_batches_equal, run_pipeline, run_reference
 
 BATCHES = [[1, 2, 0, 4], [0, 0], [5], [], [10, 0, 3]]
@@ -272,7 +272,7 @@ def test_undecodable_input_matches_the_reference_on_the_good_records() -> None:
     runner = LocalRunner(ssc, source_partitions={node_id: 2})
     for b in range(2):
         runner.run_batch(input_blocks=_blocks(node_id, b))
-    from engine._reference import ReferenceRunner
+    from engine.reference import ReferenceRunner
 
     good: list[list[Any]] = []
     for b in range(2):
@@ -310,7 +310,7 @@ def test_msgpack_input_that_is_not_msgpack() -> None:
     out: list[list[Any]] = []
     src.foreach_batch(lambda _t, recs: out.append(recs))
     runner = LocalRunner(ssc, source_partitions={src.node.id: 1})
-    from engine._codec import pack
+    from engine.codec import pack
 
     block = encode_input_block(
         "events", 0, 7, 10, [pack({"a": 1}), b"\xc1", pack([1, 2])], offsets=[7, 8, 9]

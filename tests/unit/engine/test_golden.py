@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from engine import StreamingContext
-from engine._graph import TIMEOUT
+from engine.graph import TIMEOUT
 from engine.testing import assert_batches_equal, run_pipeline, run_reference
 
 PARTITIONS = (1, 2, 3)

@@ -8,8 +8,8 @@ import re
 import pytest
 
 from engine import StreamingContext
-from engine._local import LocalRunner
 from engine.errors import DStreamError, GraphError
+from engine.local import LocalRunner
 
 
 def _ctx(batch: float = 1.0) -> StreamingContext:

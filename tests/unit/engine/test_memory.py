@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from engine import StreamingContext
-from engine._codec import encode_input_block, pack
-from engine._local import LocalRunner
-from engine._plan import block_batch
+from engine.codec import encode_input_block, pack
+from engine.local import LocalRunner
+from engine.plan import block_batch
+from state.blockstore import BlockStore
 
 BATCHES = 300
 P = 3  # reduce partitions
@@ -47,7 +48,8 @@ def test_window_with_inverse_and_running_reduce_keep_memory_bounded(w: int, s: i
     kv.running_reduce(operator.add).foreach_batch(
         lambda _t, recs: seen.__setitem__("total", sorted(recs))
     )
-    runner = LocalRunner(ssc)
+    store = BlockStore()  # the worker's store, so the bounds are the fleet's
+    runner = LocalRunner(ssc, store=store)
 
     # what a batch may hold after it completes, per the retention rules:
     # per-batch reduced slices for the window plus the slide that leaves next: (w + s) x P;
@@ -60,13 +62,13 @@ def test_window_with_inverse_and_running_reduce_keep_memory_bounded(w: int, s: i
     sizes: list[tuple[int, int]] = []
     for b in range(BATCHES):
         runner.run_batch()
-        assert len(runner.store) <= max_blocks, (b, sorted(runner.store.ids()))
-        assert runner.store.nbytes <= max_bytes, (b, runner.store.nbytes)
-        sizes.append((len(runner.store), runner.store.nbytes))
+        assert len(store) <= max_blocks, (b, sorted(store.ids()))
+        assert store.nbytes <= max_bytes, (b, store.nbytes)
+        sizes.append((len(store), store.nbytes))
 
     # nothing older than the window (plus the slide about to leave) is still held
     last = BATCHES - 1
-    assert min(block_batch(bid) for bid in runner.store.ids()) >= last - (w + s) + 1
+    assert min(block_batch(bid) for bid in store.ids()) >= last - (w + s) + 1
     # steady input, flat memory: the same footprint at batch 100 and at the end
     assert sizes[100] == sizes[-1]
     # and the results are still right
@@ -81,13 +83,14 @@ def test_window_without_inverse_keeps_memory_bounded() -> None:
     src = ssc.queue_stream([], default=RECORDS)
     src.map(_kv).reduce_by_key_and_window(operator.add, None, w).foreach_batch(lambda _t, _r: None)
     src.window(w).count().foreach_batch(lambda _t, _r: None)
-    runner = LocalRunner(ssc)
+    store = BlockStore()  # the worker's store, so the bounds are the fleet's
+    runner = LocalRunner(ssc, store=store)
     # reduced slices: w x P; window results: P; input blocks read by window(): w
     max_blocks = w * P + P + w
     for _ in range(BATCHES):
         runner.run_batch()
-        assert len(runner.store) <= max_blocks, sorted(runner.store.ids())
-        assert runner.store.nbytes <= max_blocks * _block_bound()
+        assert len(store) <= max_blocks, sorted(store.ids())
+        assert store.nbytes <= max_blocks * _block_bound()
 
 
 def test_track_with_timeout_drops_expired_keys() -> None:
@@ -100,12 +103,13 @@ def test_track_with_timeout_drops_expired_keys() -> None:
     ssc.queue_stream(batches).track(
         lambda _k, ev: ev, lambda _k, st, _ev: st, timeout=timeout
     ).snapshot().foreach_batch(lambda _t, recs: snap_sizes.append(len(recs)))
-    runner = LocalRunner(ssc)
+    store = BlockStore()  # the worker's store, so the bounds are the fleet's
+    runner = LocalRunner(ssc, store=store)
     max_keys = (timeout + 1) * new_keys
     for _ in range(BATCHES):
         runner.run_batch()
         # state blocks of the previous and current batch, plus one input block
-        assert len(runner.store) <= 2 * P + 1
-        assert runner.store.nbytes <= 2 * P * (64 * max_keys + 1) + len(pack(batches[0])) + 64
+        assert len(store) <= 2 * P + 1
+        assert store.nbytes <= 2 * P * (64 * max_keys + 1) + len(pack(batches[0])) + 64
     assert max(snap_sizes) <= max_keys
     assert snap_sizes[-1] == (timeout) * new_keys

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from engine import DStream, StreamingContext
-from engine._codec import stable_hash
-from engine._plan import Plan, TaskSpec, block_batch
+from engine.codec import stable_hash
+from engine.plan import Plan, TaskSpec, block_batch
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -143,7 +143,7 @@ def _partitions(keys: list[Any], n: int) -> list[int]:
 def test_stable_hash_is_the_same_in_another_process() -> None:
     code = (
         "import json, sys\n"
-        "from engine._codec import stable_hash\n"
+        "from engine.codec import stable_hash\n"
         "from tests.unit.engine.test_plan import _KEYS\n"
         "print(json.dumps([stable_hash(k) for k in _KEYS]))\n"
     )

@@ -14,7 +14,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine._graph import TIMEOUT
+from engine.graph import TIMEOUT
 from engine.testing import assert_batches_equal, run_pipeline, run_reference
 
 SETTINGS = settings(max_examples=60, deadline=None, database=None)

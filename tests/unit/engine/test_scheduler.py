@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import operator
 
-from engine._graph import StreamingContext
-from engine._plan import Plan
-from engine._scheduler import (
+from engine.graph import StreamingContext
+from engine.plan import Plan
+from engine.scheduler import (
     CHECKPOINT,
     BatchCompleted,
     FreeBlocks,

@@ -16,6 +16,10 @@ Block ids (``until`` offsets are exclusive everywhere):
 Narrow operators are fused: a task reads boundary blocks and runs the chain of narrow
 operators over them. A node is a boundary when it shuffles, holds state, is consumed by a
 window, or is consumed more than once (so its user functions run, and dead-letter, once).
+
+Public: the coordinator and the worker compile the app's graph into the same :class:`Plan`,
+the worker runs its :class:`TaskSpec` s, and block ids are parsed with :func:`block_node`
+and :func:`block_batch`.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine._graph import Node
 from engine.errors import GraphError
+from engine.graph import Node
 
 NARROW = frozenset({"map", "flat_map", "filter", "map_values", "flat_map_values"})
 SHUFFLE = frozenset(

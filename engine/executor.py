@@ -1,9 +1,14 @@
 """Task execution: a task is a pure function of its input blocks.
 
-:func:`run_task` reads the task's input blocks through a ``fetch`` callable (the local block
-store, a peer, a checkpoint), runs the fused narrow operators, and returns the block it
+:meth:`Executor.run` reads the task's input blocks through a ``fetch`` callable (the local
+block store, a peer, a checkpoint), runs the fused narrow operators, and returns the block it
 produces (or, for output tasks, the records to commit) plus dead letters. It does no other
 I/O, so re-running a task, here or on another worker, gives byte-identical output.
+
+Public: the worker and :class:`engine.local.LocalRunner` run tasks with :class:`Executor`;
+block stores (``state.blockstore``) size blocks with :func:`block_size`, hold
+:class:`StateBlock` partitions and raise :class:`BlockMissing`; sinks receive
+:class:`DeadLetter` s.
 """
 
 from __future__ import annotations
@@ -16,10 +21,10 @@ from typing import Any
 import msgpack
 import orjson
 
-from engine._codec import CodecError, normalize, pack, stable_hash, unpack
-from engine._graph import TIMEOUT, Node
-from engine._plan import NARROW, Plan, TaskSpec, block_batch, block_node
+from engine.codec import CodecError, normalize, pack, stable_hash, unpack
 from engine.errors import DStreamError, UserFunctionError
+from engine.graph import TIMEOUT, Node
+from engine.plan import NARROW, Plan, TaskSpec, block_batch, block_node
 
 Fetch = Callable[[str, int], Any]
 

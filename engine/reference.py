@@ -3,6 +3,9 @@
 It walks the same graph a batch at a time and computes every operator the obvious way, so
 engine results (in-process or on the fleet) can be compared with it. User functions are
 assumed deterministic, and reduce functions associative and commutative (as in Spark).
+
+Public: :class:`ReferenceRunner` is the expected side of ``engine.testing.run_reference``,
+of ``dstream verify`` (``ops/verify.py``) and of the fleet golden tests.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from engine._graph import TIMEOUT, Node, StreamingContext
+from engine.graph import TIMEOUT, Node, StreamingContext
 
 
 class ReferenceRunner:

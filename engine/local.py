@@ -1,24 +1,92 @@
 """The in-process runner: the fleet's planner and scheduler with a local executor.
 
-Used by the test kit and by users' unit tests. It runs exactly the tasks the fleet would
-run, over the same serialized blocks; only the transport is missing.
+Public: the test kit (:mod:`engine.testing`) is built on it, and unit tests drive it
+directly. :class:`LocalRunner` runs exactly the tasks the fleet would run, over the same
+serialized blocks, in the scheduler's order; only the transport is missing.
+
+Blocks are held in a :class:`Blocks` store. The default, :class:`MemoryBlocks`, is a plain
+dict sized like the worker's; the worker's own store (``state.blockstore.BlockStore``, with a
+lock, a byte limit and serialization for peers) fits the same interface and can be passed
+in. The engine never imports ``state``: ``state`` builds on the engine, not the reverse.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-from engine._codec import encode_input_block
-from engine._exec import Executor, TaskResult
-from engine._graph import StreamingContext
-from engine._plan import Plan
-from engine._scheduler import BatchCompleted, FreeBlocks, LaunchTask, ReadInput, Scheduler
-from engine._sinks import LocalSinks, SinkEnv
+from engine.codec import encode_input_block
 from engine.errors import DStreamError
-from state.blockstore import BlockStore
+from engine.executor import BlockMissing, Executor, TaskResult, block_size
+from engine.graph import StreamingContext
+from engine.plan import Plan
+from engine.scheduler import BatchCompleted, FreeBlocks, LaunchTask, ReadInput, Scheduler
+from engine.sinks import LocalSinks, SinkEnv
 
 LOCAL = "local"
+
+
+class Blocks(Protocol):
+    """What the runner needs of a block store (``state.blockstore.BlockStore`` is one)."""
+
+    def put(self, block_id: str, block: Any) -> int:
+        """Store *block* under *block_id* and return its size; a second put keeps the first."""
+        ...
+
+    def get(self, block_id: str, bucket: int = -1) -> Any:
+        """The block, or one bucket of a shuffle block; raises :class:`BlockMissing`."""
+        ...
+
+    def free(self, block_ids: Iterable[str]) -> int:
+        """Drop blocks (missing ones are ignored) and return the bytes freed."""
+        ...
+
+
+class MemoryBlocks:
+    """The runner's default store: named immutable blocks in a dict, one thread, no limit.
+
+    Sizes are :func:`engine.executor.block_size`, as on a worker, so :attr:`nbytes` is what
+    the same blocks would hold there.
+    """
+
+    def __init__(self) -> None:
+        self._blocks: dict[str, Any] = {}
+        self._sizes: dict[str, int] = {}
+        self.nbytes = 0
+
+    def put(self, block_id: str, block: Any) -> int:
+        old = self._sizes.get(block_id)
+        if old is not None:
+            return old
+        size = block_size(block)
+        self._blocks[block_id] = block
+        self._sizes[block_id] = size
+        self.nbytes += size
+        return size
+
+    def get(self, block_id: str, bucket: int = -1) -> Any:
+        try:
+            block = self._blocks[block_id]
+        except KeyError:
+            raise BlockMissing(block_id) from None
+        if bucket >= 0 and isinstance(block, list):
+            return block[bucket]
+        return block
+
+    def free(self, block_ids: Iterable[str]) -> int:
+        freed = 0
+        for bid in block_ids:
+            if self._blocks.pop(bid, None) is not None:
+                freed += self._sizes.pop(bid, 0)
+        self.nbytes -= freed
+        return freed
+
+    def ids(self) -> list[str]:
+        return list(self._blocks)
+
+    def __len__(self) -> int:
+        return len(self._blocks)
 
 
 class LocalRunner:
@@ -30,6 +98,7 @@ class LocalRunner:
         first: the index of the first batch.
         slots: concurrent task slots of the local worker (tasks run one at a time; slots
             only shape the scheduling order, as on a worker).
+        store: where blocks are held (default: a new :class:`MemoryBlocks`).
 
     """
 
@@ -42,6 +111,7 @@ class LocalRunner:
         fail_on_error: bool = False,
         slots: int = 2,
         source_partitions: dict[int, int] | None = None,
+        store: Blocks | None = None,
     ) -> None:
         ssc.validate()
         self.ssc = ssc
@@ -50,7 +120,7 @@ class LocalRunner:
         self.executor = Executor(self.plan, first, ssc.batch_interval_ms, fail_on_error)
         self.scheduler = Scheduler(self.plan, first)
         self.scheduler.add_worker(LOCAL, slots)
-        self.store = BlockStore()
+        self.store: Blocks = store if store is not None else MemoryBlocks()
         self.sinks = sinks or LocalSinks()
         self.next_batch = first
         self.freed = 0

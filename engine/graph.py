@@ -3,6 +3,10 @@
 Every process imports the app file and calls ``build(ssc)``, so every process builds the
 same graph with the same node ids (ids are assigned in creation order). Tasks name
 operators by id; closures never travel over the network.
+
+Public: users reach :class:`StreamingContext`, :class:`DStream` and ``TIMEOUT`` through
+``engine``; :class:`Node` (one vertex of the graph) is what the plan, the executor, the sinks
+and ``dstream verify`` read.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 Engine-side sinks (``foreach_batch``, ``pprint``) run here; Kafka and Redis sinks need
 clients, so the process provides a :class:`SinkEnv` that commits them (``ops/sinks.py``).
+
+Public: :class:`SinkEnv` is the extension point a process implements (:class:`LocalSinks`
+in-process and in the test kit, ``ops.sinks.FleetSinks`` on a worker);
+:func:`run_engine_sink` runs the engine-side sinks for either.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from engine._exec import DeadLetter
-from engine._graph import Node
-from engine._plan import TaskSpec
 from engine.errors import DStreamError
+from engine.executor import DeadLetter
+from engine.graph import Node
+from engine.plan import TaskSpec
 
 
 class SinkEnv(ABC):

@@ -4,6 +4,11 @@ Every block that crosses a boundary (shuffle, persisted partition, replica, chec
 msgpack round trip, in-process and on the fleet alike, so results do not depend on where a
 task ran. Sequences come back as tuples (``use_list=False``), so ``(key, value)`` pairs stay
 pairs.
+
+Public: receivers (``ingest``) encode input blocks with :func:`encode_input_block`; the
+worker block store, the metadata log and the checkpoint store (``state``) and the worker,
+sinks and ``verify`` (``ops``) use :func:`pack` and :func:`unpack`: a block written by one
+process is read by any other. Anything it cannot decode raises :class:`CodecError`.
 """
 
 from __future__ import annotations

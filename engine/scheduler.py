@@ -5,6 +5,10 @@ joined or was lost, the clock ticked) and returns instructions (launch this task
 that worker, free these blocks, a batch completed). It does no I/O and reads no clock: the
 caller passes ``now``. Lineage lives here: a needed block with no live holder is recomputed
 by re-running the task that produced it (or, for an input block, re-read from Kafka).
+
+Public: its callers are :class:`engine.local.LocalRunner`, the coordinator (``ops``) and the
+scale benchmark; they feed it events and carry out its instructions (:class:`LaunchTask`,
+:class:`ReadInput`, :class:`FreeBlocks`, :class:`BatchCompleted`, ...).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engine._plan import Plan, TaskSpec, block_batch
+from engine.plan import Plan, TaskSpec, block_batch
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
 #: How often stragglers are looked for: often enough to react within a fraction of a

@@ -6,6 +6,8 @@
 #   make demo    dev services up, then the demo pipeline
 #   make bench   dev services up, then every benchmark
 #   make up / make down   start / stop the local dev Kafka and Redis
+#   make deploy-test   the chart's pods as podman containers from the real image (tests/deploy;
+#                podman, runc, debootstrap, netavark, aardvark-dns, iptables via apt if missing)
 #   make clean   caches and build artifacts (keeps .venv and the jar cache)
 
 SHELL := /bin/bash
@@ -14,7 +16,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup venv system-deps kafka-libs helm lint test demo bench up down clean
+.PHONY: setup venv system-deps kafka-libs helm lint test deploy-deps deploy-test demo bench up down clean
 
 setup: venv system-deps kafka-libs helm
 
@@ -59,6 +61,32 @@ lint: venv
 
 test: setup
 	$(VENV)/bin/pytest -q
+
+# The deployment test's Debian packages (installed only when missing, as system-deps does):
+# podman with runc (crun refuses this machine's cgroup layout), debootstrap for the base
+# image, netavark (+ aardvark-dns, podman's default DNS) and iptables for its bridge.
+deploy-deps:
+	@missing=""; \
+	command -v podman >/dev/null || missing="$$missing podman"; \
+	command -v runc >/dev/null || missing="$$missing runc"; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
+	[ -x /usr/lib/podman/netavark ] || missing="$$missing netavark"; \
+	[ -x /usr/lib/podman/aardvark-dns ] || missing="$$missing aardvark-dns"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "missing:$$missing; install them: sudo apt-get install -y$$missing" >&2; exit 1; \
+	  fi; \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+# Builds the image (base from Debian packages, cached in ~/.cache/dstream-fleet), renders the
+# chart, runs its pods with podman and checks exact output through each scenario.
+deploy-test: setup deploy-deps
+	$(VENV)/bin/pytest -q tests/deploy
 
 up: setup
 	$(VENV)/bin/dstream dev up

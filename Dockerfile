@@ -1,12 +1,12 @@
 # syntax=docker/dockerfile:1
-# dstream-fleet image: `dstream coordinator|worker|run|produce|status ...`.
+# dstream-fleet image: `dstream coordinator|worker ...` (the runtime; no tooling).
 # The Helm chart runs it as user 10001 with a read-only root filesystem and /tmp as emptyDir.
 #
 # Build: `docker build -t dstream-fleet:0.1.0 .` (or `podman build`).
 # Build arguments:
 #   BASE_IMAGE  any Debian-like image with python3 (>= 3.11), python3-venv and useradd
 #               (default python:3.11-slim). `make deploy-test` builds one from Debian's
-#               packages (ops/devkit/build_base_image.sh), where Docker Hub is unreachable.
+#               packages (ops/tools/devkit/build_base_image.sh), where Docker Hub is unreachable.
 #   WHEELHOUSE  a folder in the build context holding the project's wheel and every
 #               dependency's (`pip wheel . -w .wheelhouse`); when set, pip installs from it
 #               only (--no-index), so the build needs no network. Empty (default): pip
@@ -20,12 +20,15 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY . .
 # A venv at the same path in both stages, so its scripts and paths stay valid when copied.
+# The image runs the fleet only: the tooling (ops/tools: dev services, load harness,
+# verify, demo, devkit) is removed, and `dstream` then offers `coordinator` and `worker`.
 RUN python3 -m venv /opt/dstream \
     && if [ -n "$WHEELHOUSE" ]; then \
          /opt/dstream/bin/pip install --no-index --find-links "$WHEELHOUSE" dstream-fleet; \
        else \
          /opt/dstream/bin/pip install .; \
-       fi
+       fi \
+    && rm -rf /opt/dstream/lib/python3*/site-packages/ops/tools
 
 FROM ${BASE_IMAGE}
 # DSTREAM_BIND_HOST: every role listens on all interfaces in a container (the runtime's

@@ -52,7 +52,7 @@ kafka-libs: venv system-deps
 	@$(VENV)/bin/dstream dev ensure
 
 helm:
-	@if [ -f ops/devkit/install_helm.sh ]; then bash ops/devkit/install_helm.sh; fi
+	@if [ -f ops/tools/devkit/install_helm.sh ]; then bash ops/tools/devkit/install_helm.sh; fi
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -95,7 +95,7 @@ down:
 	@if [ -x $(VENV)/bin/dstream ]; then $(VENV)/bin/dstream dev down; fi
 
 demo: up
-	$(PY) -m ops.demo
+	$(PY) -m ops.tools.demo
 
 bench: up
 	$(PY) -m bench.run_all

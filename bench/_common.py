@@ -36,7 +36,7 @@ def _first(v: object) -> str:
 
 def machine() -> dict[str, str]:
     """Cores, memory, CPU model, OS, Python, Kafka and client versions of this machine."""
-    from ops.devservices import KAFKA_VERSION
+    from ops.tools.devservices import KAFKA_VERSION
 
     mem = "unknown"
     cpu = platform.processor() or platform.machine()
@@ -73,7 +73,9 @@ def print_machine() -> None:
 def services() -> tuple[str, str]:
     """(Kafka bootstrap, Redis URL) of the local dev services."""
     from ops.services import settings_from
+    from ops.tools.devservices import use_dev_services
 
+    use_dev_services()
     s = settings_from()
     return s.kafka_bootstrap, s.redis_url.get_secret_value()
 
@@ -100,7 +102,7 @@ def topic_size(bootstrap: str, topic: str) -> dict[int, int]:
 
 def preload(bootstrap: str, topic: str, count: int, partitions: int, keys: int) -> int:
     """Make sure *topic* holds exactly *count* page views; reuse it when it already does."""
-    from ops.produce import produce_pageviews
+    from ops.tools.produce import produce_pageviews
 
     have = topic_size(bootstrap, topic)
     if sum(have.values()) == count and len(have) == partitions:
@@ -125,7 +127,7 @@ def preload(bootstrap: str, topic: str, count: int, partitions: int, keys: int) 
 
 
 def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
-    from ops.produce import ensure_topic
+    from ops.tools.produce import ensure_topic
 
     ensure_topic(bootstrap, topic, partitions)
 
@@ -229,7 +231,7 @@ def run_fleet(
     log_dir: Path,
 ) -> Iterator[Fleet]:
     """Start a local fleet with a fresh app id; always stopped (SIGINT, then SIGKILL)."""
-    from ops.devservices import free_port
+    from ops.tools.devservices import free_port
 
     bootstrap, redis_url = services()
     port = free_port()

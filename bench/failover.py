@@ -220,7 +220,7 @@ class Topology:
     """Two coordinators (one RPC port, two loopback addresses) and N workers."""
 
     def __init__(self, args: argparse.Namespace, topics: tuple[str, str], log_dir: Path):
-        from ops.devservices import free_port
+        from ops.tools.devservices import free_port
 
         bootstrap, redis_url = c.services()
         self.app_id = c.unique("bench-failover")

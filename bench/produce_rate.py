@@ -1,6 +1,6 @@
 """Benchmark: does ``dstream produce`` hold its target rate against a real local Kafka?
 
-Runs the harness (via :func:`ops.produce.produce_pageviews`, the same code as
+Runs the harness (via :func:`ops.tools.produce.produce_pageviews`, the same code as
 ``dstream produce --rate 20000 --duration 10``) into a fresh topic and prints the achieved
 rate, its deviation from the target, the worst 1-second window, and the machine.
 Acceptance: achieved rate within 5% of the target (exit 1 otherwise).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import confluent_kafka
 
-from ops.produce import ProduceResult, produce_pageviews, resolve_bootstrap
+from ops.tools.produce import ProduceResult, produce_pageviews, resolve_bootstrap
 
 TOLERANCE_PCT = 5.0
 
@@ -141,7 +141,7 @@ def main() -> int:
         p.error("--rate and --duration must be positive for a rate benchmark")
     if not args.private_kafka:
         return run(resolve_bootstrap(args.bootstrap), args)
-    from ops.devservices import DevServices
+    from ops.tools.devservices import DevServices
 
     with tempfile.TemporaryDirectory(prefix="dstream-bench-") as home:
         services = DevServices(Path(home), environ={})

@@ -5,7 +5,7 @@ For each checkpoint interval (``--checkpoints``, default 2, 10 and 30 batches, i
 
 1. a fresh 4-partition input topic and output topic, and a fresh 3-worker fleet of
    ``examples/pageviews.py`` (running count per url, ``to_kafka``), 1 s batches;
-2. ``ops.produce.produce_pageviews`` in a thread of this process at ``--rate`` (default
+2. ``ops.tools.produce.produce_pageviews`` in a thread of this process at ``--rate`` (default
    20% of the fleet's measured maximum, :func:`bench._common.max_rate`) for the whole run;
 3. ``/api/status`` polled every 0.1 s (worker ids, batches);
 4. after ``--warmup`` + ``--steady`` seconds, at the next batch just before a checkpoint
@@ -199,7 +199,7 @@ def one_run(args: argparse.Namespace, rate: float, every: int) -> dict[str, Any]
         "DSTREAM_BATCH_INTERVAL": str(args.interval),
         "DSTREAM_CHECKPOINT_EVERY": str(every),
     }
-    from ops.produce import produce_pageviews
+    from ops.tools.produce import produce_pageviews
 
     duration = args.warmup + args.steady + every * args.interval + args.after
     produced: dict[str, Any] = {}
@@ -349,7 +349,7 @@ def report(runs: list[dict[str, Any]], rate: float, source: str, args: argparse.
         "",
         f"Fleet: `{APP}` (running count per url, `to_kafka`), {args.workers} workers, "
         f"{args.interval:g} s batches, {args.partitions} input partitions, {args.keys} urls; "
-        f"input: `ops.produce.produce_pageviews` in a thread of the bench at {rate:,.0f} "
+        f"input: `ops.tools.produce.produce_pageviews` in a thread of the bench at {rate:,.0f} "
         f"records/s ({source}) until {args.after:g} s after the kill; `kill -9` of the "
         "worker that ran the most "
         f"state/reduce tasks, at the first batch >= {args.warmup + args.steady:g} s after the "

@@ -2,13 +2,14 @@
 
 The job is the page-view pipeline's 3-stage shape (``kafka_stream -> map -> reduce_by_key ->
 running_reduce -> to_kafka``) compiled by the real :class:`engine.plan.Plan`, scheduled by
-the real :class:`engine.scheduler.Scheduler`, driven the way ``ops/coordinator.py`` drives
-it: per batch, every input block is reported with its two holders (the receiver's worker
-and its replica peer), then ``add_batch`` and ``tick``; every finished task is reported with
-``task_finished`` (output tasks first ask ``request_commit``) and followed by a ``tick``
-(the coordinator's ``_task_done`` calls ``_dispatch`` after each report). Per launch the
-shell's lock-held work is also done (block locations, ``task_spec_to_wire``). Workers are
-in-process stand-ins: a launched task finishes immediately, so every second measured is the
+the real :class:`engine.scheduler.Scheduler`, driven through the instruction loop the fleet
+uses (:func:`engine.dispatch.apply`, as ``ops/dispatch.py`` does): per batch, every input
+block is reported with its two holders (the receiver's worker and its replica peer), then
+``add_batch`` and ``tick``; every finished task is reported with ``task_finished`` (output
+tasks first ask ``request_commit``) and followed by a ``tick`` (the dispatcher's
+``task_done`` calls ``dispatch`` after each report). Per launch the shell's lock-held work
+is also done (block locations, ``task_spec_to_wire``). Workers are in-process stand-ins: a
+launched task finishes immediately, so every second measured is the
 coordinator's own CPU time.
 
 Sizes: W workers, 4 input partitions each (4W map tasks), ``--reduce-per-worker`` reduce
@@ -36,9 +37,10 @@ from typing import Any
 
 from bench import _common as c
 from engine import StreamingContext
+from engine.dispatch import InstructionHandler, apply
 from engine.plan import Plan
 from engine.scheduler import BatchCompleted, LaunchTask, Scheduler, tune_gc
-from ops.worker import task_spec_to_wire
+from ops.protocol import task_spec_to_wire
 
 SLOTS = 2
 PARTS_PER_WORKER = 4
@@ -53,6 +55,24 @@ def build_plan(workers: int, reduce_per_worker: int) -> tuple[Plan, int]:
     counts.running_reduce(operator.add).to_kafka("pageview-counts")
     src = next(n.id for n in ssc.nodes if n.kind == "source")
     return Plan(ssc.nodes, {src: workers * PARTS_PER_WORKER}), src
+
+
+class _SimulatedWorkers(InstructionHandler):
+    """Launched tasks queue up to "run"; the batch is done when the scheduler says so."""
+
+    def __init__(self, sched: Scheduler, running: collections.deque[LaunchTask]) -> None:
+        self.sched = sched
+        self.running = running
+        self.done = False
+
+    def launch(self, ins: LaunchTask) -> None:
+        # the shell's lock-held per-launch work in ops/dispatch.py:Dispatcher.launch
+        _loc = self.sched.locations_of(ins.spec)
+        task_spec_to_wire(ins.spec)
+        self.running.append(ins)
+
+    def batch_completed(self, ins: BatchCompleted) -> None:
+        self.done = True
 
 
 class BatchTooSlow(Exception):
@@ -82,17 +102,9 @@ class SimCoordinator:
     def now(self) -> float:
         return self.clock + time.perf_counter()
 
-    def _apply(self, ins: list[Any], running: collections.deque[LaunchTask]) -> bool:
-        done = False
-        for i in ins:
-            if isinstance(i, LaunchTask):
-                # the shell's lock-held per-launch work in ops/coordinator.py:_launch
-                _loc = self.sched.locations_of(i.spec)
-                task_spec_to_wire(i.spec)
-                running.append(i)
-            elif isinstance(i, BatchCompleted):
-                done = True
-        return done
+    def _apply(self, ins: list[Any], sim: _SimulatedWorkers) -> bool:
+        apply(ins, sim)
+        return sim.done
 
     def run_batch(self, b: int, cap: float = float("inf")) -> tuple[float, float, int]:
         """One batch end to end; returns (delay to complete, delay to first launch, tasks).
@@ -110,9 +122,10 @@ class SimCoordinator:
             self.sched.block_added(bid, self.workers[(owner + 1) % nw], 100_000)
         specs = self.sched.add_batch(b, self.now())
         running: collections.deque[LaunchTask] = collections.deque()
+        sim = _SimulatedWorkers(self.sched, running)
         done0 = self.tasks_done
         first_launch: float | None = None
-        done = self._apply(self.sched.tick(self.now()), running)
+        done = self._apply(self.sched.tick(self.now()), sim)
         while running and not done:
             if time.perf_counter() - t0 > cap:
                 raise BatchTooSlow(
@@ -128,8 +141,8 @@ class SimCoordinator:
                 self.sched.request_commit(ins.spec.id, ins.attempt)
             out = self.sched.task_finished(ins.spec.id, ins.attempt, ins.worker, self.now(), 1000)
             self.tasks_done += 1
-            done = self._apply(out, running) or done
-            done = self._apply(self.sched.tick(self.now()), running) or done
+            done = self._apply(out, sim) or done
+            done = self._apply(self.sched.tick(self.now()), sim) or done
         if not done:
             msg = f"batch {b} did not complete ({len(self.sched.batches)} pending)"
             raise RuntimeError(msg)

@@ -2,7 +2,7 @@
 
 Three variants, each on a fresh 4-partition input topic with a fresh 3-worker fleet of
 ``examples/pageviews.py`` (running count per url, ``to_kafka``), 1 s batches, fed by
-``ops.produce.produce_pageviews`` in a thread of this process at ``--rate`` (default 20% of
+``ops.tools.produce.produce_pageviews`` in a thread of this process at ``--rate`` (default 20% of
 the fleet's measured maximum, :func:`bench._common.max_rate`):
 
 * ``none``: no fault;
@@ -64,7 +64,7 @@ def task_metrics(port: int) -> dict[str, tuple[float, float]]:
 
 
 def one_run(name: str, fault_env: dict[str, str], rate: float, args: argparse.Namespace) -> dict:
-    from ops.produce import produce_pageviews
+    from ops.tools.produce import produce_pageviews
 
     bootstrap, _ = c.services()
     inp, out = c.unique("bench-strag-in"), c.unique("bench-strag-out")
@@ -163,7 +163,7 @@ def report(runs: list[dict[str, Any]], rate: float, source: str, args: argparse.
         "",
         f"Fleet: `{APP}`, {args.workers} workers, {args.interval:g} s batches, "
         f"{args.partitions} input partitions, {args.keys} urls; input "
-        f"`ops.produce.produce_pageviews` in a thread of the bench at {rate:,.0f} records/s "
+        f"`ops.tools.produce.produce_pageviews` in a thread of the bench at {rate:,.0f} records/s "
         f"({source}); batches sealed from {args.warmup:g} s after the input starts to its end "
         f"({args.seconds:g} s). Slow worker: `DSTREAM_FAULT_SLOW=5` (one worker sleeps 4x its "
         "compute time + 0.1 s after every task); speculation: default 1.4x the stage median "

@@ -17,11 +17,12 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from engine.codec import encode_input_block
+from engine.dispatch import InstructionHandler, apply
 from engine.errors import DStreamError
 from engine.executor import BlockMissing, Executor, TaskResult, block_size
 from engine.graph import StreamingContext
 from engine.plan import Plan
-from engine.scheduler import BatchCompleted, FreeBlocks, LaunchTask, ReadInput, Scheduler
+from engine.scheduler import FreeBlocks, LaunchTask, ReadInput, Scheduler
 from engine.sinks import LocalSinks, SinkEnv
 
 LOCAL = "local"
@@ -89,7 +90,7 @@ class MemoryBlocks:
         return len(self._blocks)
 
 
-class LocalRunner:
+class LocalRunner(InstructionHandler):
     """Runs a graph batch by batch in this process.
 
     Args:
@@ -151,17 +152,22 @@ class LocalRunner:
             if not instructions:
                 msg = f"batch {b} cannot progress: no task is ready (missing input?)"
                 raise DStreamError(msg)
-            for ins in instructions:
-                self._handle(ins)
+            # blocks are freed as tasks finish (below); the frees of a tick (batches that
+            # had no task) are left in the store, as they always were
+            apply([i for i in instructions if not isinstance(i, FreeBlocks)], self)
         return b
 
-    def _handle(self, ins: Any) -> None:
-        if isinstance(ins, LaunchTask):
-            res = self.executor.run(ins.spec, self.store.get)
-            self._finish(ins, res)
-        elif isinstance(ins, ReadInput):
-            msg = f"input block {ins.block_id} lost in-process"
-            raise DStreamError(msg)
+    def launch(self, ins: LaunchTask) -> None:
+        """Run the task here, at once, then report it finished."""
+        res = self.executor.run(ins.spec, self.store.get)
+        self._finish(ins, res)
+
+    def read_input(self, ins: ReadInput) -> None:
+        msg = f"input block {ins.block_id} lost in-process"
+        raise DStreamError(msg)
+
+    def free(self, ins: FreeBlocks) -> None:
+        self.freed += self.store.free(ins.block_ids)
 
     def _finish(self, ins: LaunchTask, res: TaskResult) -> None:
         spec = ins.spec
@@ -175,15 +181,9 @@ class LocalRunner:
             size = self.store.put(spec.id, res.block)
         if res.dead_letters:
             self.sinks.dead_letters(res.dead_letters)
-        for out in self.scheduler.task_finished(
-            spec.id, ins.attempt, LOCAL, time.monotonic(), size
-        ):
-            if isinstance(out, FreeBlocks):
-                self.freed += self.store.free(out.block_ids)
-            elif isinstance(out, BatchCompleted):
-                pass
-            else:
-                self._handle(out)
+        apply(
+            self.scheduler.task_finished(spec.id, ins.attempt, LOCAL, time.monotonic(), size), self
+        )
 
     def run(self, num_batches: int) -> None:
         for _ in range(num_batches):

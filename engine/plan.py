@@ -76,7 +76,18 @@ def block_batch(block_id: str) -> int:
 
 
 def block_node(block_id: str) -> int:
+    """The graph node named in a block id."""
     return int(block_id.split("/")[1])
+
+
+def block_part(block_id: str) -> int:
+    """The partition (or map task, for a shuffle block) named last in a block id."""
+    return int(block_id.rsplit("/", 1)[1])
+
+
+def input_block_id(node: int, batch: int, index: int) -> str:
+    """The id of source *node*'s input block of *batch* for input partition *index*."""
+    return f"in/{node}/{batch}/{index}"
 
 
 class Plan:

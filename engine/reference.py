@@ -5,7 +5,7 @@ engine results (in-process or on the fleet) can be compared with it. User functi
 assumed deterministic, and reduce functions associative and commutative (as in Spark).
 
 Public: :class:`ReferenceRunner` is the expected side of ``engine.testing.run_reference``,
-of ``dstream verify`` (``ops/verify.py``) and of the fleet golden tests.
+of ``dstream verify`` (``ops/tools/verify.py``) and of the fleet golden tests.
 """
 
 from __future__ import annotations

@@ -1,24 +1,37 @@
-"""The ``dstream`` command line: one sub-command module per role, registered here."""
+"""The ``dstream`` command line: the roles' commands, plus the tooling's where installed."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from engine.errors import DStreamError
 
 
+def _tools() -> ModuleType | None:
+    """:mod:`ops.tools`, or None in the image (it ships the runtime only)."""
+    if importlib.util.find_spec("ops.tools") is None:
+        return None
+    import ops.tools
+
+    return ops.tools
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser; each sub-command module adds its own parsers."""
-    from ops import _cli_dev, _cli_produce, _cli_run, _cli_verify
+    """The full argument parser: ``coordinator`` and ``worker``, then the tools' commands."""
+    from ops import cli_roles
 
     parser = argparse.ArgumentParser(
         prog="dstream", description="Discretized Streams on Kafka and Redis"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (_cli_run, _cli_dev, _cli_produce, _cli_verify):
-        module.register(sub)
+    cli_roles.register(sub)
+    tools = _tools()
+    if tools is not None:
+        tools.register(sub)
     return parser
 
 
@@ -30,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    tools = _tools()
+    if tools is not None:
+        tools.prepare(args.command)
     try:
         code = args.func(args)
     except DStreamError as e:

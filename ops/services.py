@@ -1,13 +1,12 @@
 """Clients of the fleet's dependencies (Redis, Kafka admin) and app loading.
 
-Every role resolves addresses the same way: flags, then ``DSTREAM_*`` variables, then the
-services ``dstream dev up`` started (so no flag is needed on a dev machine).
+Every role resolves addresses the same way: flags, then ``DSTREAM_*`` variables (on a dev
+machine the ``dstream`` command sets those of the services ``dstream dev up`` started).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -22,23 +21,13 @@ REDIS_TIMEOUT_S = 5.0
 
 
 def settings_from(**flags: Any) -> Settings:
-    """Settings from flags and the environment, falling back to ``dstream dev up`` services."""
-    extra: dict[str, Any] = {}
-    if ("DSTREAM_KAFKA_BOOTSTRAP" not in os.environ and not flags.get("kafka_bootstrap")) or (
-        "DSTREAM_REDIS_URL" not in os.environ and not flags.get("redis_url")
-    ):
-        try:
-            from ops.devservices import discovered_env
+    """Settings from flags (those not None) over the ``DSTREAM_*`` environment.
 
-            found = discovered_env()
-        except Exception:
-            found = {}
-        if "DSTREAM_KAFKA_BOOTSTRAP" not in os.environ and found.get("kafka_bootstrap"):
-            extra["kafka_bootstrap"] = found["kafka_bootstrap"]
-        if "DSTREAM_REDIS_URL" not in os.environ and found.get("redis_url"):
-            extra["redis_url"] = found["redis_url"]
-    extra.update({k: v for k, v in flags.items() if v is not None})
-    return load_settings(**extra)
+    The runtime never looks for development services itself: where the tooling is
+    installed, the ``dstream`` command fills in the environment from ``dstream dev up``
+    first (:func:`ops.tools.devservices.use_dev_services`).
+    """
+    return load_settings(**{k: v for k, v in flags.items() if v is not None})
 
 
 def redis_client(settings: Settings) -> Any:

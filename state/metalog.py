@@ -21,12 +21,23 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.codec import pack, unpack
 from engine.errors import FencedError
 
-OffsetRange = tuple[str, int, int, int, int]  # topic, partition, from, until, count
+
+class OffsetRange(NamedTuple):
+    """The Kafka records of one input block: ``[start, until)`` of a topic-partition.
+
+    A NamedTuple, so it is stored in Redis as the 5-item list it always was.
+    """
+
+    topic: str
+    partition: int
+    start: int  # first offset read
+    until: int  # exclusive: the next block of the partition starts here
+    records: int  # records in the block (fewer than until - start after compaction)
 
 
 @dataclass(frozen=True)
@@ -332,7 +343,7 @@ class RedisMetaLog(MetaLog):
     def batches(self) -> dict[int, dict[str, OffsetRange]]:
         raw = self.r.hgetall(self.key("batches"))
         return {
-            int(k): {bid: tuple(v) for bid, v in unpack(data).items()}  # type: ignore[misc]
+            int(k): {bid: OffsetRange(*v) for bid, v in unpack(data).items()}
             for k, data in raw.items()
         }
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from ops.devservices import DevServices
+from ops.tools.devservices import DevServices
 
 _TESTS = Path(__file__).resolve().parent
 _TIERS = ("unit", "integration", "fault", "e2e")

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from ops.produce import ensure_topic
+from ops.tools.produce import ensure_topic
 from tests.deploy import infra
 from tests.deploy.kube import Cluster, load_manifests, random_name
 from tests.deploy.kubelet import Pod

@@ -1,6 +1,6 @@
 """What the deployment test stands on: the image, helm, Kafka and Redis on the pod network.
 
-Kafka and Redis run on the host (the project's own :mod:`ops.devservices` start them), bound
+Kafka and Redis run on the host (the project's own :mod:`ops.tools.devservices` start them), bound
 to the pod network's gateway address (the host's own address on the podman bridge), on
 their standard ports 9092 and 6379. So the pods reach them exactly as they would reach a
 cluster's Kafka and Redis, and host-side tools (``dstream produce``, ``dstream verify``)
@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ops.devservices import (
+from ops.tools.devservices import (
     KafkaHandle,
     ensure_redis_server,
     free_port,
@@ -83,9 +83,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def build_image() -> str:
-    """Build the project's image (ops/devkit/build_image.sh); return its name."""
+    """Build the project's image (ops/tools/devkit/build_image.sh); return its name."""
     proc = subprocess.run(
-        ["bash", str(ROOT / "ops" / "devkit" / "build_image.sh")],
+        ["bash", str(ROOT / "ops" / "tools" / "devkit" / "build_image.sh")],
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT_S,
@@ -99,11 +99,11 @@ def build_image() -> str:
 
 
 def helm_binary() -> str:
-    """helm: $DSTREAM_HELM, else the one ops/devkit/install_helm.sh builds (and prints)."""
+    """helm: $DSTREAM_HELM, else the one ops/tools/devkit/install_helm.sh builds (and prints)."""
     if os.environ.get("DSTREAM_HELM"):
         return os.environ["DSTREAM_HELM"]
     proc = subprocess.run(
-        ["bash", str(ROOT / "ops" / "devkit" / "install_helm.sh")],
+        ["bash", str(ROOT / "ops" / "tools" / "devkit" / "install_helm.sh")],
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT_S,

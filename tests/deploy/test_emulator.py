@@ -14,7 +14,7 @@ from tests.deploy.dns import TYPE_A, TYPE_AAAA, ClusterDns, answer
 from tests.deploy.kube import Cluster
 from tests.deploy.kubelet import expand
 from tests.deploy.netpol import PodInfo, pod_rules, selector_matches
-from tests.deploy.podman import PodNetwork, podman
+from tests.deploy.podman import PodNetwork, podman, rlimit_args
 
 
 def _query(name: str, qtype: int = TYPE_A, qid: int = 7) -> bytes:
@@ -215,3 +215,15 @@ def test_kubelet_probes_restarts_security_and_termination(
         assert new.name.rsplit("-", 1)[0] == pod.name.rsplit("-", 1)[0] and new.name != pod.name
     finally:
         cluster.close()
+
+
+def test_the_image_ships_the_runtime_without_the_tooling(image: str) -> None:
+    """``dstream`` in the image has the roles' commands only; ``ops.tools`` is not there."""
+    run = ["run", "--rm", *rlimit_args(), "--network", "none", image]
+    helped = podman(*run, "--help").stdout
+    assert "coordinator" in helped and "worker" in helped, helped
+    for tool in ("produce", "verify", "dev", "run"):
+        assert f"\n    {tool} " not in helped, (tool, helped)
+    probe = "import importlib.util as u; print(u.find_spec('ops.tools'), u.find_spec('ops.worker'))"
+    out = podman(*run[:-1], "--entrypoint", "python3", image, "-c", probe).stdout.split()
+    assert out[0] == "None" and out[1] != "None", out

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from ops.devservices import free_port
-from ops.produce import produce_pageviews
+from ops.tools.devservices import free_port
+from ops.tools.produce import produce_pageviews
 from tests.fleetkit import ROOT, fleet_env, run_fleet, wait_for
 
 #: Debian's binary; ``shutil.which`` also finds ``chromium`` elsewhere on PATH.

@@ -13,8 +13,8 @@ from typing import Any
 
 import redis
 
-from ops.devservices import free_port
-from ops.produce import produce_pageviews
+from ops.tools.devservices import free_port
+from ops.tools.produce import produce_pageviews
 from tests.fleetkit import Fleet, fleet_env, read_topic, run_fleet, wait_for
 
 APP = "tests/fault/fault_app.py"

@@ -23,8 +23,8 @@ from typing import Any
 
 import redis
 
-from ops.devservices import free_port
-from ops.produce import produce_pageviews
+from ops.tools.devservices import free_port
+from ops.tools.produce import produce_pageviews
 from tests.fault.scenario import check_exactly_once
 from tests.fleetkit import ROOT, fleet_env, read_topic, wait_for
 

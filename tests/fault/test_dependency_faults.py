@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from ops.devservices import KafkaHandle, free_port, start_kafka
+from ops.tools.devservices import KafkaHandle, free_port, start_kafka
 from tests.fault.scenario import run_scenario
 from tests.fleetkit import Fleet
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.devservices import free_port
+from ops.tools.devservices import free_port
 from tests.fault.standby import StandbyFleet, run_standby_scenario, standby_fleet
 from tests.fault.test_dependency_faults import _start_redis
 from tests.fleetkit import wait_for

@@ -8,8 +8,8 @@ import time
 
 import redis
 
-from ops.devservices import free_port
-from ops.produce import produce_pageviews
+from ops.tools.devservices import free_port
+from ops.tools.produce import produce_pageviews
 from state.metalog import RedisMetaLog
 from tests.fleetkit import fleet_env, wait_for
 from tests.integration.test_fleet import _status

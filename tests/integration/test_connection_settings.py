@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from ops.devservices import free_port
-from ops.produce import produce_pageviews
+from ops.tools.devservices import free_port
+from ops.tools.produce import produce_pageviews
 from tests.fleetkit import last_values, read_topic, run_fleet, wait_for
 
 PASSWORD = "correct-horse-battery-staple"

@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from engine.errors import ServiceError
-from ops import devservices as ds
+from ops.tools import devservices as ds
 
 
 def _dstream(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from ops.produce import produce_pageviews
+from ops.tools.produce import produce_pageviews
 from tests.fleetkit import last_values, read_topic, run_fleet, wait_for
 
 INTERVAL = "0.5"

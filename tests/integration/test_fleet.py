@@ -14,9 +14,9 @@ import redis
 
 from engine.graph import StreamingContext
 from engine.reference import ReferenceRunner
-from ops.devservices import free_port
-from ops.produce import produce_pageviews
 from ops.services import load_app
+from ops.tools.devservices import free_port
+from ops.tools.produce import produce_pageviews
 from state.metalog import RedisMetaLog
 from tests.fleetkit import read_topic, run_fleet, wait_for
 

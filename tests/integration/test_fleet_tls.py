@@ -20,10 +20,10 @@ import pytest
 
 from engine.errors import AuthError
 from ops.config import Settings
-from ops.devservices import free_port
 from ops.rpc import RpcClient
 from ops.services import rpc_client
 from ops.tls import DEFAULT_CHECK_EVERY_S
+from ops.tools.devservices import free_port
 from tests.fault.scenario import run_scenario, status
 from tests.fleetkit import Fleet, role_pids, wait_for
 from tests.tlskit import Ca, Leaf, SecretDir, make_ca, make_leaf, server_cert, write_files

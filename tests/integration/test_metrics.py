@@ -19,8 +19,8 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops.devservices import free_port
-from ops.produce import produce_pageviews
+from ops.tools.devservices import free_port
+from ops.tools.produce import produce_pageviews
 from tests.fleetkit import fleet_env, last_values, read_topic, run_fleet, wait_for
 
 N = 5000

@@ -12,7 +12,7 @@ import pytest
 import redis
 from confluent_kafka import Consumer, TopicPartition
 
-from ops.produce import produce_pageviews
+from ops.tools.produce import produce_pageviews
 from state.metalog import RedisMetaLog
 from tests.fleetkit import fleet_env, last_values, read_topic, run_fleet, wait_for
 

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 
 from engine.errors import ConfigError, ServiceError
-from ops.produce import ensure_topic, pageview_events, produce_pageviews
+from ops.tools.produce import ensure_topic, pageview_events, produce_pageviews
 
 pytestmark = pytest.mark.integration
 

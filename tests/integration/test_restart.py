@@ -11,7 +11,7 @@ from pathlib import Path
 import redis
 
 from engine.codec import unpack
-from ops.produce import produce_pageviews
+from ops.tools.produce import produce_pageviews
 from state.checkpoint import RedisCheckpointStore
 from state.metalog import RedisMetaLog
 from tests.fault.scenario import check_exactly_once

@@ -55,7 +55,7 @@ def workers(
         w.server.start()
         host, port = w.server.address
         w.id = f"{host}:{port}"
-        w.plan = object()  # type: ignore[assignment]  # only input blocks are fetched here
+        w.tasks.plan = object()  # type: ignore[assignment]  # only input blocks are fetched here
         made.append(w)
     yield made
     for w in made:
@@ -84,7 +84,7 @@ def test_stale_local_copy_is_dropped_and_a_good_peer_copy_used(workers: list[Wor
     a, b = workers
     a.store.put(BID, block(0, 5))  # cut by a seal whose report never reached the coordinator
     b.store.put(BID, block(0, 3))  # the logged range
-    fetch = a._fetch({BID: [a.id, b.id]}, {BID: [0, 3]})
+    fetch = a.tasks.fetcher({BID: [a.id, b.id]}, {BID: [0, 3]})
     assert input_block_range(fetch(BID, -1)) == (0, 3)
     assert not a.store.has(BID)
 
@@ -93,7 +93,7 @@ def test_no_good_copy_fails_naming_the_stale_holders(workers: list[Worker]) -> N
     a, b = workers
     a.store.put(BID, block(0, 5))
     b.store.put(BID, block(0, 5))
-    fetch = a._fetch({BID: [a.id, b.id]}, {BID: [0, 0]})
+    fetch = a.tasks.fetcher({BID: [a.id, b.id]}, {BID: [0, 0]})
     with pytest.raises(BlockMissing) as e:
         fetch(BID, -1)
     assert e.value.gone_from == [b.id]
@@ -103,4 +103,4 @@ def test_no_good_copy_fails_naming_the_stale_holders(workers: list[Worker]) -> N
 def test_without_a_logged_range_any_copy_is_read(workers: list[Worker]) -> None:
     a, _ = workers
     a.store.put(BID, block(0, 5))
-    assert input_block_range(a._fetch({}, {})(BID, -1)) == (0, 5)
+    assert input_block_range(a.tasks.fetcher({}, {})(BID, -1)) == (0, 5)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ops.produce import produce_pageviews
+from ops.tools.produce import produce_pageviews
 from tests.fleetkit import ROOT, Fleet, fleet_env, run_fleet, wait_for
 
 _COORDINATOR = re.compile(r"fleet of app \S+: coordinator (\S+) and \d+ workers")

@@ -16,8 +16,8 @@ from confluent_kafka import Producer
 
 from engine import StreamingContext
 from engine.errors import ConfigError
-from ops.produce import produce_pageviews
-from ops.verify import plan_for
+from ops.tools.produce import produce_pageviews
+from ops.tools.verify import plan_for
 from tests.fleetkit import ROOT, fleet_env, last_values, read_topic, run_fleet, wait_for
 
 N = 3000

@@ -175,3 +175,31 @@ def test_the_checks_can_fail() -> None:
         Import("ops.worker", "engine", "ops/worker.py:1"),
     ]
     assert package_cycles(package_graph(loop)) == [["engine", "state"]]
+
+
+def runtime_imports_of_tooling(imports: list[Import]) -> list[str]:
+    """Imports of :mod:`ops.tools` from the runtime (``ops`` outside ``ops.tools``).
+
+    ``ops.cli``, the ``dstream`` entry point, is the one place that may look the tooling
+    up, and it does so only when it is installed (the image does not install it).
+    """
+    return [
+        f"{i.where}: {i.importer} imports {i.module}"
+        for i in imports
+        if i.importer.startswith("ops.")
+        and not i.importer.startswith("ops.tools")
+        and i.importer != "ops.cli"
+        and (i.module == "ops.tools" or i.module.startswith("ops.tools."))
+    ]
+
+
+def test_the_runtime_never_imports_the_tooling() -> None:
+    assert not runtime_imports_of_tooling(_all_imports())
+    made_up = [
+        Import("ops.services", "ops.tools.devservices", "ops/services.py:1"),
+        Import("ops.tools.demo", "ops.services", "ops/tools/demo.py:1"),
+        Import("ops.cli", "ops.tools", "ops/cli.py:1"),
+    ]
+    assert runtime_imports_of_tooling(made_up) == [
+        "ops/services.py:1: ops.services imports ops.tools.devservices"
+    ]

@@ -1,4 +1,4 @@
-"""Pure parts of ops.devservices: no Kafka, no Redis, no JVM is started here."""
+"""Pure parts of ops.tools.devservices: no Kafka, no Redis, no JVM is started here."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import ServiceError
-from ops import devservices as ds
 from ops.cli import build_parser, main
+from ops.tools import devservices as ds
 
 
 def _props(text: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 
 from engine.errors import ConfigError, DStreamError
 from ops.cli import build_parser
-from ops.produce import (
+from ops.tools.produce import (
     DEFAULT_BOOTSTRAP,
     Pacer,
     encode_event,
@@ -377,7 +377,7 @@ def test_cli_parses_all_flags() -> None:
             "--no-progress",
         ]
     )
-    assert (args.func.__module__, args.func.__name__) == ("ops._cli_produce", "_run")
+    assert (args.func.__module__, args.func.__name__) == ("ops.tools.cli_produce", "_run")
     assert (args.topic, args.rate, args.duration, args.count) == ("pv", 20000.0, 10.0, None)
     assert (args.keys, args.key_dist, args.zipf_s, args.fmt) == (500, "zipf", 1.3, "msgpack")
     assert (args.partitions, args.seed, args.bootstrap, args.progress) == (6, 42, "h:1", False)
@@ -438,9 +438,9 @@ def test_bootstrap_from_dev_services_then_default(monkeypatch: pytest.MonkeyPatc
     import types
 
     monkeypatch.delenv("DSTREAM_KAFKA_BOOTSTRAP", raising=False)
-    fake = types.ModuleType("ops.devservices")
+    fake = types.ModuleType("ops.tools.devservices")
     fake.discovered_env = lambda: {"kafka_bootstrap": "dev:7"}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "ops.devservices", fake)
+    monkeypatch.setitem(sys.modules, "ops.tools.devservices", fake)
     import ops
 
     monkeypatch.setattr(ops, "devservices", fake, raising=False)
@@ -506,11 +506,11 @@ class FakeAdmin:
 def fake_kafka(monkeypatch: pytest.MonkeyPatch) -> type[FakeProducer]:
     import confluent_kafka
 
-    import ops.produce
+    import ops.tools.produce
 
     FakeProducer.instances = []
     monkeypatch.setattr(confluent_kafka, "Producer", FakeProducer)
-    monkeypatch.setattr(ops.produce, "_quiet_admin", lambda *a, **k: FakeAdmin())
+    monkeypatch.setattr(ops.tools.produce, "_quiet_admin", lambda *a, **k: FakeAdmin())
     return FakeProducer
 
 
@@ -581,7 +581,7 @@ def test_cli_passes_kafka_config_through(
 def test_progress_line_is_throttled_and_shows_rate_and_target() -> None:
     import io
 
-    from ops.produce import _Progress
+    from ops.tools.produce import _Progress
 
     stream = io.StringIO()
     progress = _Progress(stream, "pv", 20_000.0, every=0.5)
@@ -612,7 +612,7 @@ def _emitted(
     produce: Any = None,
 ) -> tuple[list[dict[str, Any]], Any]:
     """Events one shard's emitter hands over for the first *n* events of the stream."""
-    from ops.produce import _pageview_emitter, _SendStats
+    from ops.tools.produce import _pageview_emitter, _SendStats
 
     sent: list[dict[str, Any]] = []
 
@@ -682,7 +682,7 @@ def test_shards_split_urls_and_together_send_the_stream_once(shards: int, dist: 
 
 
 def test_json_template_is_byte_identical_to_encode_event() -> None:
-    from ops.produce import _JSON_TEMPLATE
+    from ops.tools.produce import _JSON_TEMPLATE
 
     for k, u, ts, seq in [(0, 0, 0, 0), (999, 9_999, 1_700_000_000_123, 123_456)]:
         ev = {"url": f"/page/{k}", "user": f"u{u}", "ts": ts, "seq": seq}
@@ -700,7 +700,7 @@ def test_hot_loop_stamps_wall_clock_at_hand_over() -> None:
 
 
 def test_full_queue_keeps_order_and_loses_nothing() -> None:
-    from ops.produce import _pageview_emitter, _SendStats
+    from ops.tools.produce import _pageview_emitter, _SendStats
 
     sent: list[dict[str, Any]] = []
     calls = 0
@@ -756,7 +756,7 @@ def test_refused_records_are_counted_as_failed() -> None:
 
 
 def test_merge_sums_processes() -> None:
-    from ops.produce import ProduceResult, _merge
+    from ops.tools.produce import ProduceResult, _merge
 
     a = ProduceResult(10, 2.0, 5.0, 1, (4, 6), "", (10,))
     b = ProduceResult(20, 2.5, 8.0, 0, (7, 8, 5), "", (20,))

@@ -22,7 +22,7 @@ import redis
 
 from ops.config import load_settings
 from ops.coordinator import Coordinator
-from ops.devservices import free_port
+from ops.tools.devservices import free_port
 from ops.worker import STOP_DEADLINE_S
 from state.metalog import Lease, MemoryMetaLog
 
@@ -269,7 +269,7 @@ def test_a_coordinator_whose_lease_lapsed_acts_no_more(app: Path) -> None:
         metalog.cut_off = True
         _wait(lambda: not c.leads(), c.settings.lease_seconds + 1, "the lease to be in doubt")
         next_batch = c.next_batch
-        c._seal_batch(0)
+        c.leader.clock.seal_batch(0)
         assert c.next_batch == next_batch, "no batch was cut"
         task = {"task": "out/1/0/0", "attempt": 0, "worker": "w"}
         assert c._handle("request_commit", task, None) == "wait"

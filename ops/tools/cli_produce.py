@@ -1,4 +1,4 @@
-"""``dstream produce``: the Kafka producer harness on the command line (see :mod:`ops.produce`)."""
+"""``dstream produce``: the Kafka producer harness from the shell (:mod:`ops.tools.produce`)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,12 @@ def register(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """Run the harness from parsed arguments; print the summary line; return the exit code."""
-    from ops.produce import kafka_extra_config, produce_pageviews, resolve_bootstrap, validate_args
+    from ops.tools.produce import (
+        kafka_extra_config,
+        produce_pageviews,
+        resolve_bootstrap,
+        validate_args,
+    )
 
     validate_args(
         rate=args.rate,

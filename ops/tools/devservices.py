@@ -3,7 +3,7 @@
 Both run on loopback ports, started by the project itself:
 
 * **Kafka** runs from the ``org.apache.kafka:kafka_2.13`` jars, resolved once with Maven
-  (``ops/devkit/pom.xml``) into ``${XDG_CACHE_HOME:-~/.cache}/dstream-fleet/kafka-<v>/libs``
+  (``ops/tools/devkit/pom.xml``) into ``${XDG_CACHE_HOME:-~/.cache}/dstream-fleet/kafka-<v>/libs``
   and reused by every later run; its storage is formatted with
   ``kafka.tools.StorageTool format --standalone`` and the broker (combined broker and
   controller, ``node.id=1``) runs as ``java -cp '<libs>/*' kafka.Kafka server.properties``.
@@ -12,7 +12,7 @@ Both run on loopback ports, started by the project itself:
 
 Two ways to use them:
 
-* ``dstream dev up|down|status|env`` (see :mod:`ops._cli_dev`) manages one long-lived
+* ``dstream dev up|down|status|env`` (see :mod:`ops.tools.cli_dev`) manages one long-lived
   instance per *dev home* (``DSTREAM_DEV_HOME``, default ``<cache>/dev``), recorded in
   ``<home>/state.json``; :func:`discovered_env` lets every dstream command find it.
 * :class:`DevServices` (test fixtures, benchmarks) starts a private pair on free ports in a
@@ -37,14 +37,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.errors import ServiceError
 
-#: Must match ``kafka.version`` in ``ops/devkit/pom.xml``.
+#: Must match ``kafka.version`` in ``ops/tools/devkit/pom.xml``.
 KAFKA_VERSION = "4.3.1"
 HOST = "127.0.0.1"
 DEFAULT_KAFKA_PORT = 19092
@@ -363,7 +363,7 @@ def render_server_properties(
     }
     if extra:
         props.update(extra)
-    lines = ["# written by ops/devservices.py; regenerated on every start"]
+    lines = ["# written by ops/tools/devservices.py; regenerated on every start"]
     lines += [f"{k}={v}" for k, v in props.items()]
     return "\n".join(lines) + "\n"
 
@@ -716,6 +716,26 @@ def _locked(home: Path) -> Iterator[None]:
     with (home / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+def use_dev_services(environ: MutableMapping[str, str] | None = None) -> None:
+    """Point ``DSTREAM_KAFKA_BOOTSTRAP`` and ``DSTREAM_REDIS_URL`` at the dev services.
+
+    Only where they are unset and ``dstream dev up`` services run (flags still win over
+    both), so no flag is needed on a dev machine. Called by the ``dstream`` command, the
+    demo and the benchmarks; never by the runtime.
+    """
+    env = os.environ if environ is None else environ
+    if "DSTREAM_KAFKA_BOOTSTRAP" in env and "DSTREAM_REDIS_URL" in env:
+        return
+    try:
+        found = discovered_env()
+    except Exception:  # no state file, unreadable: nothing to use
+        return
+    if found.get("kafka_bootstrap"):
+        env.setdefault("DSTREAM_KAFKA_BOOTSTRAP", found["kafka_bootstrap"])
+    if found.get("redis_url"):
+        env.setdefault("DSTREAM_REDIS_URL", found["redis_url"])
 
 
 def discovered_env(home: Path | None = None) -> dict[str, str]:

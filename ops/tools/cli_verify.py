@@ -1,4 +1,4 @@
-"""``dstream verify``: check committed output against a reference (see :mod:`ops.verify`)."""
+"""``dstream verify``: check committed output against a reference (see :mod:`ops.tools.verify`)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def register(sub: Any) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ops.services import build_context, settings_from
-    from ops.verify import verify
+    from ops.tools.verify import verify
 
     settings = settings_from(kafka_bootstrap=args.kafka_bootstrap)
     ssc = build_context(args.app, settings)

@@ -16,14 +16,16 @@ import threading
 import time
 from pathlib import Path
 
-from ops.produce import produce_pageviews
 from ops.services import ensure_topic, settings_from
+from ops.tools.devservices import use_dev_services
+from ops.tools.produce import produce_pageviews
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DURATION_S = 30.0
 
 
 def main() -> int:
+    use_dev_services()
     settings = settings_from()
     inp, out = "pageviews", "pageview-counts"
     ensure_topic(settings, inp, 3)

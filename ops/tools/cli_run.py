@@ -1,4 +1,4 @@
-"""``dstream run``, ``dstream coordinator``, ``dstream worker`` and ``dstream status``."""
+"""``dstream run`` (a local fleet) and ``dstream status``: tools run by hand."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from engine.errors import ConfigError
+from ops.cli_roles import add_common_args, require_secret, role_settings, setup_logging
 
 log = logging.getLogger("dstream.run")
 
@@ -26,125 +27,17 @@ MAX_RESTARTS = 10
 RESTART_WINDOW_S = 60.0
 
 
-def _common(p: argparse.ArgumentParser, app_positional: bool = False) -> None:
-    if app_positional:
-        p.add_argument("app", help="the app file (defines build(ssc))")
-    else:
-        p.add_argument("--app", required=True, help="the app file (defines build(ssc))")
-    p.add_argument("--app-id", help="app identity: prefixes Redis keys and transactional ids")
-    p.add_argument("--batch-interval", type=float, help="seconds per batch (default 1.0)")
-    p.add_argument("--num-partitions", type=int, help="partitions of keyed operators")
-    p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers")
-    p.add_argument("--redis-url", help="Redis URL (redis:// or rediss://)")
-    p.add_argument("--checkpoint-every", type=int, help="batches between state checkpoints")
-    p.add_argument("--log-level", default=os.environ.get("DSTREAM_LOG_LEVEL", "INFO"))
-    p.add_argument("--tls-cert", help="RPC TLS certificate (PEM); with --tls-key and --tls-ca")
-    p.add_argument("--tls-key", help="RPC TLS private key (PEM)")
-    p.add_argument("--tls-ca", help="CA bundle that RPC peers' certificates must chain to")
-
-
-def _listen(p: argparse.ArgumentParser, role: str) -> None:
-    """Flags for where a deployed role listens and how peers reach it."""
-    p.add_argument("--bind-host", help="interface to listen on (the image binds 0.0.0.0)")
-    p.add_argument(
-        "--http-port", type=int, help=f"HTTP port: probes, /metrics (default: the {role}'s)"
-    )
-    if role == "worker":
-        p.add_argument("--rpc-port", type=int, help="RPC port (default 7071; 0: any free port)")
-        p.add_argument("--advertise-host", help="host name or address peers reach this worker at")
-
-
 def register(sub: Any) -> None:
-    """Add run, coordinator, worker and status."""
+    """Add ``run`` and ``status``."""
     p = sub.add_parser("run", help="run an app on a local fleet (coordinator + N workers)")
-    _common(p, app_positional=True)
+    add_common_args(p, app_positional=True)
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("coordinator", help="run the coordinator")
-    _common(p)
-    p.add_argument(
-        "--expect-workers", type=int, default=1, help="workers to wait for before the first batch"
-    )
-    _listen(p, "coordinator")
-    p.set_defaults(func=cmd_coordinator)
-
-    p = sub.add_parser("worker", help="run a worker")
-    _common(p)
-    p.add_argument("--coordinator", help="coordinator address host:port")
-    _listen(p, "worker")
-    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("status", help="show batches, workers and receivers of a running app")
     p.add_argument("--coordinator", help="coordinator address host:port")
     p.add_argument("--json", action="store_true", help="print raw JSON")
     p.set_defaults(func=cmd_status)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, str(level).upper(), logging.INFO),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _settings(args: argparse.Namespace, **more: Any) -> Any:
-    from ops.services import settings_from
-
-    return settings_from(
-        app_id=args.app_id,
-        batch_interval=args.batch_interval,
-        num_partitions=args.num_partitions,
-        kafka_bootstrap=args.kafka_bootstrap,
-        redis_url=args.redis_url,
-        checkpoint_every=args.checkpoint_every,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_ca=args.tls_ca,
-        **{k: getattr(args, k, None) for k in _LISTEN_FLAGS},
-        **more,
-    )
-
-
-#: Settings that the listen flags of :func:`_listen` override.
-_LISTEN_FLAGS = ("bind_host", "http_port", "rpc_port", "advertise_host")
-
-
-def _require_secret(settings: Any) -> None:
-    if not settings.secret.get_secret_value():
-        msg = (
-            "DSTREAM_SECRET is not set: the RPC transport needs a shared secret "
-            "(dstream run generates one for its local fleet)"
-        )
-        raise ConfigError(msg)
-
-
-def cmd_coordinator(args: argparse.Namespace) -> int:
-    from ops.coordinator import run_coordinator
-    from ops.services import app_id_for
-
-    _setup_logging(args.log_level)
-    settings = _settings(args)
-    _require_secret(settings)
-    log.info("settings: %s", settings.redacted())
-    return run_coordinator(settings, args.app, app_id_for(args.app, settings), args.expect_workers)
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from ops.services import app_id_for
-    from ops.worker import run_worker
-
-    _setup_logging(args.log_level)
-    settings = _settings(args, coordinator=args.coordinator)
-    _require_secret(settings)
-    code = run_worker(settings, args.app, app_id_for(args.app, settings))
-    # exit now: a task thread abandoned at the stop deadline would otherwise hold the
-    # interpreter's exit (concurrent.futures joins its threads at exit, without a timeout)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _die_with_parent() -> None:
@@ -155,14 +48,14 @@ def _die_with_parent() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Start a coordinator and N workers as child processes; Ctrl-C stops them all."""
-    from ops.devservices import free_port
     from ops.services import app_id_for, build_context
+    from ops.tools.devservices import free_port
 
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     if args.workers < 1:
         msg = f"--workers must be at least 1, got {args.workers}"
         raise ConfigError(msg)
-    settings = _settings(args)
+    settings = role_settings(args)
     app_id = app_id_for(args.app, settings)
     build_context(args.app, settings)  # a broken app file fails here, once, clearly
     env = dict(os.environ)
@@ -256,10 +149,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from engine.errors import RpcError
     from ops.leader_client import LeaderClient
     from ops.services import settings_from
-    from ops.status import format_status
+    from ops.tools.status import format_status
 
     settings = settings_from(coordinator=args.coordinator)
-    _require_secret(settings)
+    require_secret(settings)
     client = LeaderClient(settings)
     try:
         for attempt in range(2 * len(client.addresses)):

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build the project's image with podman from the top-level Dockerfile, offline.
 #
-# Usage: bash ops/devkit/build_image.sh [IMAGE]     (default: localhost/dstream-fleet:<version>)
+# Usage: bash ops/tools/devkit/build_image.sh [IMAGE]     (default: localhost/dstream-fleet:<version>)
 #
-# 1. the base image from Debian's packages (ops/devkit/build_base_image.sh, cached);
+# 1. the base image from Debian's packages (ops/tools/devkit/build_base_image.sh, cached);
 # 2. the project's wheel and every dependency's, built on the host with pip into
 #    .wheelhouse/ (gitignored; pip's own cache keeps reruns quick), because TLS to PyPI
 #    fails inside containers on the project's machines;
@@ -23,7 +23,7 @@ IMAGE="${1:-localhost/dstream-fleet:$VERSION}"
 BASE="${DSTREAM_BASE_IMAGE:-localhost/dstream-base:bookworm}"
 PODMAN=(podman --runtime runc --cgroup-manager=cgroupfs)
 
-bash ops/devkit/build_base_image.sh "$BASE"
+bash ops/tools/devkit/build_base_image.sh "$BASE"
 
 start=$SECONDS
 rm -f .wheelhouse/dstream_fleet-*.whl

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build a Debian bookworm base image for podman from Debian's packages (no registry needed).
 #
-# Usage: bash ops/devkit/build_base_image.sh [IMAGE]   (default: localhost/dstream-base:bookworm)
+# Usage: bash ops/tools/devkit/build_base_image.sh [IMAGE]   (default: localhost/dstream-base:bookworm)
 #
 # Docker Hub is not reachable on the project's machines, so the deployment test builds the
 # project's Dockerfile FROM this image (`--build-arg BASE_IMAGE=...`). The image has

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the pinned helm binary from the Go module proxy into a per-user cache dir.
 #
-# Usage: bash ops/devkit/install_helm.sh      (prints the path of the helm binary)
+# Usage: bash ops/tools/devkit/install_helm.sh      (prints the path of the helm binary)
 #
 # The tests find helm through $DSTREAM_HELM, then this cache dir, then PATH.
 # A second run with the right version already built is a quick no-op.

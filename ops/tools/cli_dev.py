@@ -1,7 +1,7 @@
 """``dstream dev up|down|status|env|ensure``: the local Kafka and Redis of a developer.
 
 All state lives in the dev home (``DSTREAM_DEV_HOME``, default
-``${XDG_CACHE_HOME:-~/.cache}/dstream-fleet/dev``); see :mod:`ops.devservices`.
+``${XDG_CACHE_HOME:-~/.cache}/dstream-fleet/dev``); see :mod:`ops.tools.devservices`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ServiceError
-from ops import devservices as ds
+from ops.tools import devservices as ds
 
 
 def _home(args: argparse.Namespace) -> Path:

@@ -467,7 +467,7 @@ def resolve_bootstrap(explicit: str | None = None) -> str:
     """The Kafka bootstrap address to use.
 
     Order: *explicit* (the ``--bootstrap`` flag), ``DSTREAM_KAFKA_BOOTSTRAP``, the local dev
-    services' ``kafka_bootstrap`` (``ops.devservices.discovered_env()``, if that module is
+    services' ``kafka_bootstrap`` (``ops.tools.devservices.discovered_env()``, if that module is
     installed and knows one), then :data:`DEFAULT_BOOTSTRAP`.
     """
     if explicit:

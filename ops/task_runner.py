@@ -1,0 +1,296 @@
+"""The task runner: a worker's slots, running the attempts the coordinator launches.
+
+:class:`TaskRunner` runs each launched attempt on a task slot: it reads the task's input
+blocks (locally, from the peers the coordinator named, or from the checkpoint store),
+runs it on the :class:`engine.executor.Executor`, stores the result or - for an output
+task - asks for the commit right and commits through the sinks, writes state checkpoints
+every ``checkpoint_every_batches`` batches, and reports the outcome (``task_done`` or a
+typed ``task_failed``). It decides nothing: what runs and what commits is the
+coordinator's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from engine.codec import CodecError, input_block_range, pack, unpack
+from engine.errors import DStreamError, FencedError, RpcError, UserFunctionError
+from engine.executor import BlockMissing, Executor, StateBlock
+from engine.plan import Plan, TaskSpec, block_batch, block_node, block_part
+from engine.scheduler import CHECKPOINT
+from ops import faults, metrics
+from ops import protocol as wire
+from ops.config import Settings
+from ops.leader_client import LeaderClient
+from ops.rpc import RemoteError, RpcClient
+from ops.sinks import FleetSinks
+from state.blockstore import BlockStore
+from state.checkpoint import RedisCheckpointStore
+
+log = logging.getLogger("dstream.worker")
+
+#: How long a fetch from a peer may take before trying the next holder (a 64 MiB block
+#: at loopback speeds takes well under a second).
+FETCH_TIMEOUT_S = 20.0
+#: Back-off between commit-right polls while earlier batches of the partition commit.
+COMMIT_WAIT_S = 0.005
+
+
+class TaskRunner:
+    """Runs launched attempts on ``task_slots`` threads and reports them.
+
+    Args:
+        settings: slots and checkpoint period.
+        store: the worker's block store (inputs read, results written).
+        coordinator: the client of the leading coordinator (reports, commit rights).
+        peer: the client of a peer worker, by address (fetches).
+        checkpoints: where state partitions are checkpointed and read back.
+        sinks: the output sinks (commits, dead letters).
+        worker_id: this worker's address, once it serves.
+        leased: whether tasks of an incarnation may still commit (the membership's).
+        stopping: set when the worker stops (failures are then not reported).
+
+    Nothing runs until :meth:`configure` gave it the plan (at registration).
+
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: BlockStore,
+        coordinator: LeaderClient,
+        peer: Callable[[str], RpcClient],
+        checkpoints: RedisCheckpointStore,
+        sinks: FleetSinks,
+        worker_id: Callable[[], str],
+        leased: Callable[[int], bool],
+        stopping: threading.Event,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.coordinator = coordinator
+        self.peer = peer
+        self.checkpoints = checkpoints
+        self.sinks = sinks
+        self.worker_id = worker_id
+        self.leased = leased
+        self.stopping = stopping
+        self.pool = ThreadPoolExecutor(settings.task_slots, thread_name_prefix="task")
+        #: one thread: checkpoints are written in order, off the task path
+        self.ckpt_pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.cancelled: set[tuple[str, int]] = set()
+        self.plan: Plan | None = None
+        self.executor: Executor | None = None
+        self.stateful: set[int] = set()
+        self.slow = faults.slow_factor()
+
+    def configure(self, plan: Plan, executor: Executor) -> None:
+        """Called once, at the first registration: the compiled graph and its executor."""
+        self.plan = plan
+        self.executor = executor
+        self.stateful = {n.id for n in plan.stateful_nodes()}
+
+    def launch(self, msg: wire.Launch, incarnation: int) -> bool:
+        """Queue an attempt on a slot (it runs under the worker's current *incarnation*)."""
+        self.pool.submit(
+            self.run, msg.spec, msg.attempt, msg.locations, msg.time_ms, incarnation, msg.ranges
+        )
+        return True
+
+    def cancel(self, msg: wire.Cancel) -> bool:
+        """Another attempt won: this one neither commits nor reports."""
+        self.cancelled.add((msg.task, msg.attempt))
+        return True
+
+    def threads(self) -> list[threading.Thread]:
+        """The slot and checkpoint threads (the worker joins them when it stops)."""
+        return [*self.pool._threads, *self.ckpt_pool._threads]  # type: ignore[attr-defined]
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.ckpt_pool.shutdown(wait=False)
+
+    def _checkpoint(self, spec: TaskSpec, block: Any) -> None:
+        """Write a state partition to the checkpoint store, then tell the coordinator."""
+        t0 = time.monotonic()
+        items = list(block.state.items()) if isinstance(block, StateBlock) else unpack(block)
+        try:
+            nbytes = self.checkpoints.write_items(spec.node, spec.part, spec.batch, items)
+            faults.crash_point("during_checkpoint")
+            dt = time.monotonic() - t0
+            metrics.CHECKPOINT_DURATION.observe(dt)
+            metrics.CHECKPOINT_BYTES.set(nbytes)
+            done = wire.Checkpointed(spec.node, spec.part, spec.batch, nbytes, dt)
+            self.coordinator.call("checkpointed", done.to_wire(), timeout=30)
+        except Exception as e:  # a failed checkpoint only lengthens lineage
+            log.warning("checkpoint of %s failed: %s", spec.id, e)
+
+    def fetcher(self, locations: dict[str, list[str]], ranges: dict[str, Any] | None = None) -> Any:
+        """The task's block reader: the local store first, then the holders the coordinator named.
+
+        An input block is checked against the offset range the coordinator logged for it
+        (*ranges*): a copy cut from another range (by a worker that was paused mid-seal, or
+        before a coordinator restart) is stale. A stale local copy is dropped, a stale remote
+        one skipped; with no good copy the task fails naming every holder that had none, and
+        the coordinator re-reads the block from Kafka.
+        """
+        plan = self.plan
+        assert plan is not None
+        ranges = ranges or {}
+
+        def fresh(bid: str, data: Any) -> bool:
+            want = ranges.get(bid)
+            if want is None or not isinstance(data, bytes | bytearray):
+                return True
+            try:
+                return list(input_block_range(data)) == list(want)
+            except CodecError:
+                return False
+
+        def fetch(bid: str, bucket: int) -> Any:
+            gone: list[str] = []
+            if self.store.has(bid):
+                data = self.store.get(bid, bucket)
+                if fresh(bid, data):
+                    return data
+                log.warning("dropping a stale copy of %s (not the logged offset range)", bid)
+                self.store.free([bid])
+            for addr in locations.get(bid, []):
+                if addr == self.worker_id():
+                    continue
+                if addr == CHECKPOINT:
+                    node = block_node(bid)
+                    items = self.checkpoints.read_items(node, block_part(bid), block_batch(bid))
+                    if plan.by_id[node].kind == "state":
+                        return StateBlock(dict(items), [])
+                    return pack(items)
+                try:
+                    data = self.peer(addr).call(
+                        "fetch", wire.Fetch(bid, bucket).to_wire(), timeout=FETCH_TIMEOUT_S
+                    )
+                except RemoteError:
+                    gone.append(addr)
+                    continue
+                except RpcError as e:
+                    log.info("fetch of %s from %s failed: %s", bid, addr, e)
+                    continue
+                if not fresh(bid, data):
+                    log.warning("%s holds a stale copy of %s; skipping it", addr, bid)
+                    gone.append(addr)
+                    continue
+                if bid.startswith("rd/") and plan.by_id[block_node(bid)].kind == "state":
+                    return StateBlock.from_bytes(data)
+                return data
+            raise BlockMissing(bid, gone)
+
+        return fetch
+
+    def run(
+        self,
+        spec: TaskSpec,
+        attempt: int,
+        locations: dict[str, list[str]],
+        time_ms: int,
+        incarnation: int = 0,
+        ranges: dict[str, Any] | None = None,
+    ) -> None:
+        assert self.executor is not None
+        t0 = time.monotonic()
+        try:
+            res = self.executor.run(spec, self.fetcher(locations, ranges))
+            if self.slow > 1.0:
+                time.sleep((self.slow - 1.0) * (time.monotonic() - t0) + 0.02 * self.slow)
+            faults.crash_point("after_compute")
+            if (spec.id, attempt) in self.cancelled:
+                return
+            size = 0
+            if spec.kind == "output":
+                if not self._commit(spec, attempt, time_ms, res.records, incarnation):
+                    return
+            else:
+                size = self.store.put(spec.id, res.block)
+                every = self.settings.checkpoint_every_batches
+                if spec.node in self.stateful and (spec.batch + 1) % every == 0:
+                    self.ckpt_pool.submit(self._checkpoint, spec, res.block)
+            if res.dead_letters:
+                self.sinks.dead_letters(res.dead_letters)
+            dt = time.monotonic() - t0
+            metrics.TASK_DURATION.labels(stage=spec.stage.split(":")[0]).observe(dt)
+            done = wire.TaskDone(
+                spec.id,
+                attempt,
+                self.worker_id(),
+                size,
+                res.input_records,
+                len(res.dead_letters),
+                dt,
+            )
+            self.coordinator.call("task_done", done.to_wire(), timeout=30)
+        except BlockMissing as e:
+            self._report_failure(
+                spec, attempt, str(e), wire.FailureKind.MISSING_INPUT, e.block_id, e.gone_from
+            )
+        except FencedError as e:  # another attempt or worker owns the output: retry is safe
+            log.warning("task %s attempt %d fenced: %s", spec.id, attempt, e)
+            self._report_failure(spec, attempt, f"fenced: {e}", wire.FailureKind.FENCED)
+        except DStreamError as e:  # an expected failure (a sink or dependency): one line
+            if not self.stopping.is_set():
+                log.warning("task %s attempt %d failed: %s", spec.id, attempt, e)
+                kind = (
+                    wire.FailureKind.APP_FAILED
+                    if isinstance(e, UserFunctionError)
+                    else wire.FailureKind.ERROR
+                )
+                self._report_failure(spec, attempt, f"{type(e).__name__}: {e}", kind)
+        except Exception as e:
+            if self.stopping.is_set():
+                return  # shutting down: the coordinator reruns what did not finish
+            log.exception("task %s attempt %d failed", spec.id, attempt)
+            self._report_failure(spec, attempt, f"{type(e).__name__}: {e}", wire.FailureKind.ERROR)
+
+    def _commit(
+        self, spec: TaskSpec, attempt: int, time_ms: int, records: list[Any], incarnation: int
+    ) -> bool:
+        assert self.plan is not None
+        while True:
+            if (spec.id, attempt) in self.cancelled or not self.leased(incarnation):
+                return False
+            ask = wire.RequestCommit(spec.id, attempt, self.worker_id())
+            answer = wire.CommitAnswer(
+                self.coordinator.call("request_commit", ask.to_wire(), timeout=30)
+            )
+            if answer is wire.CommitAnswer.GRANTED:
+                break
+            if answer is wire.CommitAnswer.DENIED:
+                return False
+            time.sleep(COMMIT_WAIT_S)
+        self.sinks.commit(
+            self.plan.by_id[spec.node],
+            spec,
+            time_ms,
+            records,
+            guard=lambda: self.leased(incarnation),
+        )
+        return True
+
+    def _report_failure(
+        self,
+        spec: TaskSpec,
+        attempt: int,
+        error: str,
+        kind: wire.FailureKind,
+        missing: str | None = None,
+        gone_from: list[str] | None = None,
+    ) -> None:
+        msg = wire.TaskFailed(
+            spec.id, attempt, self.worker_id(), error, kind, missing, gone_from or []
+        )
+        try:
+            self.coordinator.call("task_failed", msg.to_wire(), timeout=30)
+        except RpcError as e:
+            log.warning("could not report failure of %s: %s", spec.id, e)

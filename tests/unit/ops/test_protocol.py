@@ -1,0 +1,74 @@
+"""The wire protocol: every message survives msgpack and its own decoding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from engine.codec import pack, unpack
+from engine.plan import TaskSpec
+from ops import protocol as wire
+from state.metalog import OffsetRange
+
+SPEC = TaskSpec("rd/3/7/1", "result", 3, 0, 7, 1, (("in/0/7/0", -1), ("sh/2/0/7/1", 1)), "r:3")
+
+MESSAGES: list[Any] = [
+    wire.Register("10.0.0.1:7000", 4, ["in/0/1/0"], 9100),
+    wire.RegisterReply(3, 0, {0: [("pv", 0), ("pv", 1)], 2: [("", 0)]}, 1000),
+    wire.Heartbeat("w", 10, 2, 99, {("pv", 0): 5}),
+    wire.TaskDone("rd/3/7/1", 1, "w", 128, 10, 1, 0.25),
+    wire.TaskFailed("t", 0, "w", "BlockMissing: x", wire.FailureKind.MISSING_INPUT, "in/0/1/0"),
+    wire.TaskFailed("t", 2, "w", "UserFunctionError: boom", wire.FailureKind.APP_FAILED),
+    wire.RequestCommit("out/4/7/0", 0, "w"),
+    wire.Checkpointed(3, 1, 9, 4096, 0.5),
+    wire.Status(),
+    wire.Seal(7, 100),
+    wire.Seal(8),
+    wire.BlockReport("in/0/7/1", OffsetRange("pv", 1, 10, 20, 10), 512, ["a", "b"]),
+    wire.Assign([wire.PartitionAssignment(0, 1, "pv", 1, 42)], ["b", "c"], 500),
+    wire.Assign([], []),
+    wire.Launch(SPEC, 2, {"in/0/7/0": ["a"]}, {"in/0/7/0": (10, 20)}, 7000),
+    wire.ReadInput("in/0/7/1", OffsetRange("pv", 1, 10, 20, 10)),
+    wire.ReplicateTo("in/0/7/1", "b"),
+    wire.Free(["in/0/1/0", "rd/3/1/0"]),
+    wire.Cancel("rd/3/7/1", 1),
+    wire.Fetch("sh/2/0/7/1", 3),
+    wire.Replicate("in/0/7/1", b"\x00\x01"),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip_through_msgpack(msg: Any) -> None:
+    assert type(msg).from_wire(unpack(pack(msg.to_wire()))) == msg
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_messages_are_frozen_with_slots(msg: Any) -> None:
+    assert not hasattr(msg, "__dict__")
+    assert type(msg).__dataclass_params__.frozen
+
+
+def test_every_message_has_its_method() -> None:
+    calls = [m for m in MESSAGES if type(m) in wire.METHODS]
+    assert {wire.method_of(m) for m in calls} == set(wire.METHODS.values())
+    assert {"seal", "launch", "assign", "free", "cancel", "read_input", "replicate_to"} == (
+        wire.COORDINATOR_CALLS
+    )
+
+
+def test_answers_keep_their_wire_strings() -> None:
+    assert [a.value for a in wire.CommitAnswer] == ["granted", "denied", "wait"]
+    assert wire.CommitAnswer("wait") is wire.CommitAnswer.WAIT
+    assert wire.HeartbeatAnswer("unknown") is wire.HeartbeatAnswer.UNKNOWN
+
+
+def test_offset_ranges_are_named_and_stored_as_lists() -> None:
+    r = OffsetRange("pv", 1, 10, 20, 9)
+    assert (r.topic, r.partition, r.start, r.until, r.records) == ("pv", 1, 10, 20, 9)
+    assert list(unpack(pack(r))) == ["pv", 1, 10, 20, 9]  # the metadata log's stored format
+
+
+def test_a_failure_without_a_kind_is_an_error() -> None:
+    m = wire.TaskFailed.from_wire({"task": "t", "attempt": 0, "worker": "w", "error": "x"})
+    assert m.kind is wire.FailureKind.ERROR and m.gone_from == []

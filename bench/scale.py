@@ -3,13 +3,13 @@
 The job is the page-view pipeline's 3-stage shape (``kafka_stream -> map -> reduce_by_key ->
 running_reduce -> to_kafka``) compiled by the real :class:`engine.plan.Plan`, scheduled by
 the real :class:`engine.scheduler.Scheduler`, driven through the instruction loop the fleet
-uses (:func:`engine.dispatch.apply`, as ``ops/dispatch.py`` does): per batch, every input
-block is reported with its two holders (the receiver's worker and its replica peer), then
-``add_batch`` and ``tick``; every finished task is reported with ``task_finished`` (output
-tasks first ask ``request_commit``) and followed by a ``tick`` (the dispatcher's
-``task_done`` calls ``dispatch`` after each report). Per launch the shell's lock-held work
-is also done (block locations, ``task_spec_to_wire``). Workers are in-process stand-ins: a
-launched task finishes immediately, so every second measured is the
+uses (:func:`engine.dispatch.apply`, as ``ops/coordinator/dispatch.py`` does): per
+batch, every input block is reported with its two holders (the receiver's worker and its
+replica peer), then ``add_batch`` and ``tick``; every finished task is reported with
+``task_finished`` (output tasks first ask ``request_commit``) and followed by a ``tick``
+(the dispatcher's ``task_done`` calls ``dispatch`` after each report). Per launch the
+shell's lock-held work is also done (block locations, ``task_spec_to_wire``). Workers are
+in-process stand-ins: a launched task finishes immediately, so every second measured is the
 coordinator's own CPU time.
 
 Sizes: W workers, 4 input partitions each (4W map tasks), ``--reduce-per-worker`` reduce
@@ -66,7 +66,7 @@ class _SimulatedWorkers(InstructionHandler):
         self.done = False
 
     def launch(self, ins: LaunchTask) -> None:
-        # the shell's lock-held per-launch work in ops/dispatch.py:Dispatcher.launch
+        # the shell's lock-held per-launch work in ops/coordinator/dispatch.py:Dispatcher.launch
         _loc = self.sched.locations_of(ins.spec)
         task_spec_to_wire(ins.spec)
         self.running.append(ins)

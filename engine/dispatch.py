@@ -1,8 +1,8 @@
 """The one loop that turns scheduler instructions into actions.
 
 Three callers drive :class:`engine.scheduler.Scheduler`: the in-process runner
-(:mod:`engine.local`), the fleet's coordinator (``ops/dispatch.py``: RPCs to workers) and
-the scale benchmark (``bench/scale.py``: simulated workers). Each implements the
+(:mod:`engine.local`), the fleet's coordinator (``ops/coordinator/dispatch.py``: RPCs to
+workers) and the scale benchmark (``bench/scale.py``: simulated workers). Each implements the
 :class:`InstructionHandler` methods it needs; :func:`apply` routes every instruction, in
 order, to its method. An instruction a handler does not override is ignored (the local
 runner has no peer to replicate to, for instance).

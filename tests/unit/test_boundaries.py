@@ -160,19 +160,19 @@ def test_the_checks_can_fail() -> None:
     graph = package_graph(_all_imports())
     assert "engine" in graph["state"] and "engine" in graph["ops"]
     bad = [
-        Import("ops.worker", "engine._exec", "ops/worker.py:1"),
+        Import("ops.worker", "engine._exec", "ops/worker/__init__.py:1"),
         Import("engine.local", "engine._exec", "engine/local.py:1"),  # inside: allowed
         Import("tests.unit.x", "ops._cli_run", "tests/unit/x.py:1"),
-        Import("ops.worker", "concurrent.futures._base", "ops/worker.py:2"),  # not ours
+        Import("ops.worker", "concurrent.futures._base", "ops/worker/__init__.py:2"),  # not ours
     ]
     assert [v.split(":")[0] for v in privacy_violations(bad)] == [
-        "ops/worker.py",
+        "ops/worker/__init__.py",
         "tests/unit/x.py",
     ]
     loop = [
         Import("engine.local", "state.blockstore", "engine/local.py:1"),
         Import("state.blockstore", "engine.executor", "state/blockstore.py:1"),
-        Import("ops.worker", "engine", "ops/worker.py:1"),
+        Import("ops.worker", "engine", "ops/worker/__init__.py:1"),
     ]
     assert package_cycles(package_graph(loop)) == [["engine", "state"]]
 

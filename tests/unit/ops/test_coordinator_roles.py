@@ -19,14 +19,14 @@ from engine.graph import StreamingContext
 from engine.plan import Plan
 from engine.scheduler import LaunchTask, Scheduler
 from ops import protocol as wire
-from ops.completion import BatchInfo, Completion
 from ops.config import load_settings
-from ops.durable import DurableWriter
-from ops.leader import Leader
-from ops.leadership import LeaderElection
-from ops.membership import Membership, WorkerClient
-from ops.rate_control import RateController
-from ops.receivers import (
+from ops.coordinator.completion import BatchInfo, Completion
+from ops.coordinator.durable import DurableWriter
+from ops.coordinator.leader import Leader
+from ops.coordinator.leadership import LeaderElection
+from ops.coordinator.membership import Membership, WorkerClient
+from ops.coordinator.rate_control import RateController
+from ops.coordinator.receivers import (
     TIME_KEY,
     ReceiverTracker,
     positions_after,

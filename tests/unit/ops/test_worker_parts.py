@@ -13,8 +13,8 @@ from engine.executor import BlockMissing, TaskResult
 from engine.plan import TaskSpec
 from ops import protocol as wire
 from ops.config import load_settings
-from ops.task_runner import TaskRunner
-from ops.worker_membership import WorkerMembership
+from ops.worker.membership import WorkerMembership
+from ops.worker.task_runner import TaskRunner
 from state.blockstore import BlockStore
 
 OUT = TaskSpec("out/4/0/0", "output", 4, 0, 0, 0, (("rd/3/0/0", -1),), "output:4")

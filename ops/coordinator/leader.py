@@ -21,15 +21,14 @@ from typing import Any
 from engine.plan import Plan
 from engine.scheduler import SPECULATION_EVERY_S, Scheduler
 from ops import protocol as wire
-from ops.batch_clock import BatchClock
-from ops.completion import CheckpointStore, Completion
 from ops.config import Settings
-from ops.coordinator_status import LeaderStatus
-from ops.dispatch import Dispatcher
-from ops.durable import DurableWriter
-from ops.membership import Membership, WorkerClient
-from ops.rate_control import RateController
-from ops.receivers import (
+from ops.coordinator.batch_clock import BatchClock
+from ops.coordinator.completion import CheckpointStore, Completion
+from ops.coordinator.dispatch import Dispatcher
+from ops.coordinator.durable import DurableWriter
+from ops.coordinator.membership import Membership, WorkerClient
+from ops.coordinator.rate_control import RateController
+from ops.coordinator.receivers import (
     Key,
     Layout,
     ReceiverTracker,
@@ -37,6 +36,7 @@ from ops.receivers import (
     split_logged,
     start_positions,
 )
+from ops.coordinator.status import LeaderStatus
 from state.metalog import MetaLog, OffsetRange
 
 log = logging.getLogger("dstream.coordinator")
@@ -76,9 +76,9 @@ class Leader:
         settings: the fleet's settings (interval, speculation, rate, heartbeats).
         plan: the compiled graph; *layout* the input partitions of every source.
         resume: what the metadata log says (:meth:`load`).
-        positions: next offset per input partition (:func:`ops.receivers.start_positions`).
+        positions: next offset per input partition (:func:`.receivers.start_positions`).
         connect: the client of a worker, by address, carrying *resume.epoch*.
-        may_act: the lease check (:meth:`ops.leadership.LeaderElection.may_act`).
+        may_act: the lease check (:meth:`ops.coordinator.leadership.LeaderElection.may_act`).
         fail_app: called with the error when a user function failed under fail_on_error.
         The others are shared with the coordinator (lock, stop event, I/O pool, Redis).
 

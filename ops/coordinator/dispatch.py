@@ -31,9 +31,9 @@ from engine.scheduler import (
 )
 from ops import metrics
 from ops import protocol as wire
-from ops.completion import Completion
-from ops.membership import CALL_TIMEOUT_S, Membership, WorkerClient, WorkerInfo
-from ops.receivers import ReceiverTracker
+from ops.coordinator.completion import Completion
+from ops.coordinator.membership import CALL_TIMEOUT_S, Membership, WorkerClient, WorkerInfo
+from ops.coordinator.receivers import ReceiverTracker
 
 log = logging.getLogger("dstream.coordinator")
 

@@ -30,8 +30,8 @@ from ops.protocol import COORDINATOR_CALLS, EPOCH
 from ops.rpc import RpcClient
 from ops.services import build_context, redis_client, rpc_client, rpc_server
 from ops.sinks import FleetSinks
-from ops.task_runner import FETCH_TIMEOUT_S, TaskRunner
-from ops.worker_membership import WorkerMembership
+from ops.worker.membership import WorkerMembership
+from ops.worker.task_runner import FETCH_TIMEOUT_S, TaskRunner
 from state.blockstore import BlockStore
 from state.checkpoint import RedisCheckpointStore
 from state.metalog import OffsetRange
@@ -48,8 +48,8 @@ STOP_DEADLINE_S = 15.0
 class Worker:
     """One worker process (``dstream worker``): the RPC shell around its parts.
 
-    The parts: :class:`ops.worker_membership.WorkerMembership` (register, heartbeat,
-    rejoin, the commit lease), :class:`ops.task_runner.TaskRunner` (task slots, fetches,
+    The parts: :class:`ops.worker.membership.WorkerMembership` (register, heartbeat,
+    rejoin, the commit lease), :class:`ops.worker.task_runner.TaskRunner` (task slots, fetches,
     commits, checkpoints) and the receivers (:mod:`ingest.receiver`); this class serves
     the wire protocol (:mod:`ops.protocol`) through a method -> handler table, and seals,
     replicates and re-reads input blocks.

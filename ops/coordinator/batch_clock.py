@@ -20,11 +20,11 @@ from typing import Any
 from engine.scheduler import Scheduler
 from ops import metrics
 from ops import protocol as wire
-from ops.completion import BatchInfo, Completion
-from ops.dispatch import Dispatcher
-from ops.durable import DurableWriter
-from ops.membership import CALL_TIMEOUT_S, Membership, WorkerInfo
-from ops.receivers import ReceiverTracker
+from ops.coordinator.completion import BatchInfo, Completion
+from ops.coordinator.dispatch import Dispatcher
+from ops.coordinator.durable import DurableWriter
+from ops.coordinator.membership import CALL_TIMEOUT_S, Membership, WorkerInfo
+from ops.coordinator.receivers import ReceiverTracker
 from state.metalog import MetaLog
 
 log = logging.getLogger("dstream.coordinator")

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from engine.scheduler import Scheduler
 from ops import metrics
-from ops.durable import DurableWriter
+from ops.coordinator.durable import DurableWriter
 from ops.protocol import Checkpointed
 from state.metalog import MetaLog, OffsetRange
 

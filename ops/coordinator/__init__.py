@@ -3,15 +3,15 @@
 Each role is a class of its own, built with its collaborators and unit-tested without
 services:
 
-* :class:`ops.leadership.LeaderElection` - the Redis lease, the epoch, stepping down;
-* :class:`ops.membership.Membership` - workers, heartbeats, lost workers;
-* :class:`ops.receivers.ReceiverTracker` - positions, partition assignment, offset ranges;
-* :class:`ops.batch_clock.BatchClock` - seal, log the ranges, then schedule each batch;
-* :class:`ops.dispatch.Dispatcher` - scheduler instructions to RPCs, task reports back;
-* :class:`ops.completion.Completion` - batches done, checkpoints in force, lineage pruned;
-* :class:`ops.rate_control.RateController` - backpressure, a listener of completed batches;
-* :mod:`ops.coordinator_status` - status;
-* :class:`ops.leader.Leader` - the roles above wired together while this process leads.
+* :class:`.leadership.LeaderElection` - the Redis lease, the epoch, stepping down;
+* :class:`.membership.Membership` - workers, heartbeats, lost workers;
+* :class:`.receivers.ReceiverTracker` - positions, partition assignment, offset ranges;
+* :class:`.batch_clock.BatchClock` - seal, log the ranges, then schedule each batch;
+* :class:`.dispatch.Dispatcher` - scheduler instructions to RPCs, task reports back;
+* :class:`.completion.Completion` - batches done, checkpoints in force, lineage pruned;
+* :class:`.rate_control.RateController` - backpressure, a listener of completed batches;
+* :mod:`.status` - status;
+* :class:`.leader.Leader` - the roles above wired together while this process leads.
 
 The :class:`Coordinator` does the I/O of start-up (the app, the Kafka layout, Redis,
 the listener), serves the wire protocol (:mod:`ops.protocol`) through a method -> handler
@@ -31,12 +31,12 @@ from engine.errors import DStreamError, NotLeaderError
 from engine.plan import Plan
 from engine.scheduler import tune_gc
 from ops.config import Settings
-from ops.coordinator_status import standby_status
-from ops.durable import DurableWriter
+from ops.coordinator.durable import DurableWriter
+from ops.coordinator.leader import Leader, status_of
+from ops.coordinator.leadership import LeaderElection
+from ops.coordinator.membership import WorkerClient
+from ops.coordinator.status import standby_status
 from ops.http import HttpEndpoints
-from ops.leader import Leader, status_of
-from ops.leadership import LeaderElection
-from ops.membership import WorkerClient
 from ops.services import (
     build_context,
     redis_client,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ops.completion import BatchInfo
+from ops.coordinator.completion import BatchInfo
 
 
 class RateController:

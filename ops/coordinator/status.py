@@ -7,10 +7,10 @@ import time
 from typing import Any
 
 from engine.scheduler import Scheduler
-from ops.completion import Completion
-from ops.leadership import LeaderElection
-from ops.membership import Membership
-from ops.receivers import ReceiverTracker
+from ops.coordinator.completion import Completion
+from ops.coordinator.leadership import LeaderElection
+from ops.coordinator.membership import Membership
+from ops.coordinator.receivers import ReceiverTracker
 
 
 def standby_status(app_id: str, holder: str, election: LeaderElection) -> dict[str, Any]:

@@ -66,29 +66,17 @@ def topic_partitions(
     return out
 
 
-def ensure_topic(settings: Settings, topic: str, partitions: int = 1) -> None:
-    """Create *topic* if missing (output and dead-letter topics)."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
-
-    admin = AdminClient(settings.kafka_client_config())
-    if topic in admin.list_topics(timeout=30).topics:
-        return
-    fut = admin.create_topics([NewTopic(topic, partitions, 1)])[topic]
-    try:
-        fut.result(30)
-    except KafkaException as e:
-        if "TOPIC_ALREADY_EXISTS" not in str(e):
-            raise
-
-
 def load_app(path: str) -> ModuleType:
-    """Import the app file (``def build(ssc)``) as a module named after the file."""
+    """Import the app file (``def build(ssc)``) as the module ``dstream_app_<file stem>``.
+
+    Not under the file's own name: an app called ``queue.py`` or ``json.py`` would
+    otherwise replace a standard-library module for the whole process.
+    """
     p = Path(path)
     if not p.is_file():
         msg = f"app file {path} not found"
         raise ConfigError(msg)
-    name = p.stem
+    name = f"dstream_app_{p.stem}"
     spec = importlib.util.spec_from_file_location(name, p)
     if spec is None or spec.loader is None:
         msg = f"cannot import app file {path}"

@@ -16,9 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from ops.services import ensure_topic, settings_from
+from ops.services import settings_from
 from ops.tools.devservices import use_dev_services
-from ops.tools.produce import produce_pageviews
+from ops.tools.produce import ensure_topic, produce_pageviews
 
 ROOT = Path(__file__).resolve().parents[2]
 DURATION_S = 30.0
@@ -28,8 +28,8 @@ def main() -> int:
     use_dev_services()
     settings = settings_from()
     inp, out = "pageviews", "pageview-counts"
-    ensure_topic(settings, inp, 3)
-    ensure_topic(settings, out, 1)
+    ensure_topic(settings.kafka_bootstrap, inp, 3, extra_config=settings.kafka_config)
+    ensure_topic(settings.kafka_bootstrap, out, 1, extra_config=settings.kafka_config)
     app_id = f"pageviews-demo-{int(time.time())}"
     env = {
         **os.environ,

@@ -17,7 +17,7 @@ from ops.tools.devservices import free_port
 from ops.tools.produce import produce_pageviews
 from tests.fleetkit import Fleet, fleet_env, read_topic, run_fleet, wait_for
 
-APP = "tests/fault/fault_app.py"
+APP = "tests/apps/fault_app.py"
 
 
 def status(port: int) -> dict[str, Any]:

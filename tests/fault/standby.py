@@ -28,7 +28,7 @@ from ops.tools.produce import produce_pageviews
 from tests.fault.scenario import check_exactly_once
 from tests.fleetkit import ROOT, fleet_env, read_topic, wait_for
 
-APP = "tests/fault/fault_app.py"
+APP = "tests/apps/fault_app.py"
 HOSTS = ("127.0.0.1", "127.0.0.2")
 SECRET = "standby-test-secret"
 

@@ -20,7 +20,7 @@ from ops.tools.produce import produce_pageviews
 from state.metalog import RedisMetaLog
 from tests.fleetkit import read_topic, run_fleet, wait_for
 
-APP = "tests/integration/fleet_apps/pageviews_window.py"
+APP = "tests/apps/pageviews_window.py"
 
 
 def _status(port: int) -> dict[str, Any]:

@@ -15,10 +15,10 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from tests.apps import dead_letter_app as app
 from tests.fleetkit import last_values, read_topic, run_fleet, wait_for
-from tests.integration.apps import dead_letter_app as app
 
-APP = "tests/integration/apps/dead_letter_app.py"
+APP = "tests/apps/dead_letter_app.py"
 N = 600
 KEYS = 7
 BAD_JSON_EVERY = 23  # record i with i % 23 == 7 is not valid JSON

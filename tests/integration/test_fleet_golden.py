@@ -27,10 +27,10 @@ from engine import StreamingContext
 from engine.reference import ReferenceRunner
 from engine.testing import assert_batches_equal, run_pipeline, run_reference
 from state.metalog import RedisMetaLog
+from tests.apps import golden_app as app
 from tests.fleetkit import run_fleet, wait_for
-from tests.integration.apps import golden_app as app
 
-APP = "tests/integration/apps/golden_app.py"
+APP = "tests/apps/golden_app.py"
 N = app.NUM_BATCHES
 #: Starting the fleet (imports, Kafka producers per output) and running N batches of
 #: ~40 pipelines takes ~15 s here; 120 s leaves room for a loaded CI machine.

@@ -4,7 +4,7 @@
 such a dict); undecodable JSON is dead-lettered by the source. Topics come from
 ``DL_INPUT`` and ``DL_OUTPUT``; dead letters go to ``DSTREAM_DEAD_LETTER_TOPIC``.
 
-Run it: ``DL_INPUT=in DL_OUTPUT=out dstream run tests/integration/apps/dead_letter_app.py``.
+Run it: ``DL_INPUT=in DL_OUTPUT=out dstream run tests/apps/dead_letter_app.py``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ The test (``tests/integration/test_fleet_golden.py``) runs this file on a real f
 compares every case per batch with the in-process engine and the reference runner, which
 use the very same pipeline functions (imported from this module).
 
-Run it by hand: ``GOLDEN_PREFIX=g- dstream run tests/integration/apps/golden_app.py
+Run it by hand: ``GOLDEN_PREFIX=g- dstream run tests/apps/golden_app.py
 --workers 2 --batch-interval 0.25`` (topics ``g-slide1`` and ``g-slide2`` must exist).
 """
 

@@ -4,8 +4,10 @@ Per app (every key is prefixed ``dstream:{app_id}:``):
 
 * ``epoch``: bumped by every coordinator start; writes carrying an older epoch are fenced;
 * ``first``: the app's first batch index (set once);
-* ``batches``: batch index -> msgpack ``{block_id: [topic, partition, from, until, count]}``,
-  written **before** the batch is scheduled (Kafka is the durable log; ``until`` exclusive);
+* ``batches``: batch index -> msgpack ``{"time_ms": t, "ranges": {block_id: [topic,
+  partition, from, until, count]}}``, written **before** the batch is scheduled (Kafka is the
+  durable log; ``until`` exclusive). Logs written before the time had its own field kept it
+  as a pseudo block ``"@time"`` among the ranges; they are still read;
 * ``done``: the highest batch such that it and every batch before it completed;
 * ``checkpoints``: ``node:partition`` -> batch of the last complete state checkpoint;
 * ``lease``: the leading coordinator, ``epoch|holder`` with an expiry. Taking the lease bumps
@@ -57,6 +59,28 @@ class Lease:
         return cls(int(epoch), holder)
 
 
+class LoggedBatch(NamedTuple):
+    """What the metadata log holds of one batch."""
+
+    time_ms: int  # the batch's time (the end of its interval, wall clock)
+    ranges: dict[str, OffsetRange]  # input block id -> its offset range
+
+
+#: The pseudo block under which older logs kept a batch's time among its ranges.
+LEGACY_TIME_BLOCK = "@time"
+
+
+def decode_logged(value: Any) -> LoggedBatch:
+    """One stored batch, in the current form or the older one (time as a pseudo block)."""
+    if isinstance(value, dict) and "ranges" in value and "time_ms" in value:
+        ranges = {bid: OffsetRange(*v) for bid, v in value["ranges"].items()}
+        return LoggedBatch(int(value["time_ms"]), ranges)
+    legacy = dict(value)
+    stamp = legacy.pop(LEGACY_TIME_BLOCK, None)
+    ranges = {bid: OffsetRange(*v) for bid, v in legacy.items()}
+    return LoggedBatch(int(stamp[2]) if stamp else 0, ranges)
+
+
 class MetaLog(ABC):
     """The coordinator's durable metadata."""
 
@@ -98,12 +122,21 @@ class MetaLog(ABC):
         """The app's first batch: *proposed* on the first call ever, the stored one after."""
 
     @abstractmethod
-    def log_batch(self, epoch: int, b: int, ranges: dict[str, OffsetRange]) -> None:
-        """Record batch *b*'s input offset ranges; raises FencedError for an old epoch."""
+    def log_batch(self, epoch: int, b: int, ranges: dict[str, OffsetRange], time_ms: int) -> None:
+        """Record batch *b*'s input offset ranges and its time (one atomic write).
+
+        Raises:
+            FencedError: *epoch* is older than the current one.
+
+        """
 
     @abstractmethod
+    def logged(self) -> dict[int, LoggedBatch]:
+        """Every logged batch not yet forgotten: its time and offset ranges."""
+
     def batches(self) -> dict[int, dict[str, OffsetRange]]:
-        """Every logged batch not yet forgotten."""
+        """The offset ranges of every logged batch not yet forgotten."""
+        return {b: lb.ranges for b, lb in self.logged().items()}
 
     @abstractmethod
     def mark_done(self, epoch: int, b: int) -> None:
@@ -133,7 +166,7 @@ class MemoryMetaLog(MetaLog):
         self._lock = threading.Lock()
         self._epoch = 0
         self._first: int | None = None
-        self._batches: dict[int, dict[str, OffsetRange]] = {}
+        self._batches: dict[int, LoggedBatch] = {}
         self._done: int | None = None
         self._ckpt: dict[tuple[int, int], int] = {}
         self._lease: Lease | None = None
@@ -191,13 +224,14 @@ class MemoryMetaLog(MetaLog):
             msg = f"epoch {epoch} is fenced by epoch {self._epoch}"
             raise FencedError(msg)
 
-    def log_batch(self, epoch: int, b: int, ranges: dict[str, OffsetRange]) -> None:
+    def log_batch(self, epoch: int, b: int, ranges: dict[str, OffsetRange], time_ms: int) -> None:
         with self._lock:
             self._fence(epoch)
-            self._batches[b] = dict(ranges)
+            self._batches[b] = LoggedBatch(time_ms, dict(ranges))
 
-    def batches(self) -> dict[int, dict[str, OffsetRange]]:
-        return dict(self._batches)
+    def logged(self) -> dict[int, LoggedBatch]:
+        with self._lock:
+            return dict(self._batches)
 
     def mark_done(self, epoch: int, b: int) -> None:
         with self._lock:
@@ -336,16 +370,13 @@ class RedisMetaLog(MetaLog):
         self.r.set(self.key("first"), proposed, nx=True)
         return int(self.r.get(self.key("first")))
 
-    def log_batch(self, epoch: int, b: int, ranges: dict[str, OffsetRange]) -> None:
-        data = pack({k: list(v) for k, v in ranges.items()})
+    def log_batch(self, epoch: int, b: int, ranges: dict[str, OffsetRange], time_ms: int) -> None:
+        data = pack({"time_ms": time_ms, "ranges": {k: list(v) for k, v in ranges.items()}})
         self._call(self._hset, [self.key("epoch"), self.key("batches")], [epoch, b, data])
 
-    def batches(self) -> dict[int, dict[str, OffsetRange]]:
+    def logged(self) -> dict[int, LoggedBatch]:
         raw = self.r.hgetall(self.key("batches"))
-        return {
-            int(k): {bid: OffsetRange(*v) for bid, v in unpack(data).items()}
-            for k, data in raw.items()
-        }
+        return {int(k): decode_logged(unpack(data)) for k, data in raw.items()}
 
     def mark_done(self, epoch: int, b: int) -> None:
         self._call(self._max, [self.key("epoch"), self.key("done")], [epoch, b])

@@ -204,10 +204,11 @@ class BatchClock:
         info = BatchInfo(b, time_ms, time.monotonic())
         with self.lock:
             info.ranges = self.receivers.record_batch(b, time_ms, reports)
-            logged = self.receivers.logged_form(b)
         info.records = sum(r.range.records for r in reports)
         # the offset ranges are durable before anything is scheduled
-        self.durable.write("logging a batch", self.metalog.log_batch, self.epoch, b, logged)
+        self.durable.write(
+            "logging a batch", self.metalog.log_batch, self.epoch, b, info.ranges, time_ms
+        )
         calls: list[Any] = []
         with self.lock:
             self.receivers.advance(reports)

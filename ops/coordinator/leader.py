@@ -33,7 +33,6 @@ from ops.coordinator.receivers import (
     Layout,
     ReceiverTracker,
     positions_after,
-    split_logged,
     start_positions,
 )
 from ops.coordinator.status import LeaderStatus
@@ -199,7 +198,9 @@ class Leader:
     @staticmethod
     def load(metalog: MetaLog, epoch: int) -> Resume:
         """Read where to resume from the metadata log (the only I/O of taking over)."""
-        ranges, times = split_logged(metalog.batches())
+        logged = metalog.logged()
+        ranges = {b: lb.ranges for b, lb in logged.items()}
+        times = {b: lb.time_ms for b, lb in logged.items()}
         return Resume(
             epoch,
             metalog.first_batch(0),

@@ -20,23 +20,9 @@ from state.metalog import OffsetRange
 
 log = logging.getLogger("dstream.coordinator")
 
-#: Pseudo block id under which a batch's wall-clock time is logged with its ranges (kept
-#: for the stored format: old metadata logs have it, and the batch time must survive a
-#: restart; only this module writes or reads it).
-TIME_KEY = "@time"
-
 #: (source node, partition index) -> (topic, Kafka partition); topic "" for a queue source
 Layout = Mapping[int, list[tuple[str, int]]]
 Key = tuple[int, int]
-
-
-def split_logged(
-    logged: Mapping[int, Mapping[str, OffsetRange]],
-) -> tuple[dict[int, dict[str, OffsetRange]], dict[int, int]]:
-    """A metadata log's batches as (offset ranges per batch, batch time per batch)."""
-    ranges = {b: {k: v for k, v in r.items() if k != TIME_KEY} for b, r in logged.items()}
-    times = {b: r[TIME_KEY][2] for b, r in logged.items() if TIME_KEY in r}
-    return ranges, times
 
 
 def positions_after(ranges: Mapping[int, Mapping[str, OffsetRange]]) -> dict[Key, int]:
@@ -162,11 +148,6 @@ class ReceiverTracker:
         self.ranges[b] = ranges
         self.times[b] = time_ms
         return ranges
-
-    def logged_form(self, b: int) -> dict[str, OffsetRange]:
-        """What the metadata log stores for batch *b*: its ranges and its time."""
-        t = self.times[b]
-        return {**self.ranges[b], TIME_KEY: OffsetRange("", 0, t, t, 0)}
 
     def advance(self, reports: list[BlockReport]) -> None:
         """The reported blocks are logged: their partitions continue after them."""

@@ -26,14 +26,8 @@ from ops.coordinator.leader import Leader
 from ops.coordinator.leadership import LeaderElection
 from ops.coordinator.membership import Membership, WorkerClient
 from ops.coordinator.rate_control import RateController
-from ops.coordinator.receivers import (
-    TIME_KEY,
-    ReceiverTracker,
-    positions_after,
-    split_logged,
-    start_positions,
-)
-from state.metalog import Lease, MemoryMetaLog, OffsetRange
+from ops.coordinator.receivers import ReceiverTracker, positions_after, start_positions
+from state.metalog import Lease, LoggedBatch, MemoryMetaLog, OffsetRange, decode_logged
 
 LAYOUT = {0: [("t", 0), ("t", 1)]}
 
@@ -148,7 +142,7 @@ def test_assignment_is_balanced_sticky_and_names_peers() -> None:
     assert sorted(len(m.parts) for m in msgs.values()) == [1, 1, 1, 1]
 
 
-def test_a_batch_gets_a_range_for_every_partition_and_its_time_is_logged() -> None:
+def test_a_batch_gets_a_range_for_every_partition() -> None:
     rt = ReceiverTracker(LAYOUT, {(0, 0): 5, (0, 1): 7})
     rep = wire.BlockReport("in/0/3/0", OffsetRange("t", 0, 5, 9, 4), 10, ["a"])
     ranges = rt.record_batch(3, 3000, [rep])
@@ -156,9 +150,7 @@ def test_a_batch_gets_a_range_for_every_partition_and_its_time_is_logged() -> No
         "in/0/3/0": OffsetRange("t", 0, 5, 9, 4),
         "in/0/3/1": OffsetRange("t", 1, 7, 7, 0),  # nobody reported it: empty, at 7
     }
-    logged = rt.logged_form(3)
-    assert logged[TIME_KEY] == ("", 0, 3000, 3000, 0)
-    assert split_logged({3: logged}) == ({3: ranges}, {3: 3000})
+    assert rt.times[3] == 3000
     rt.advance([rep])
     assert rt.positions == {(0, 0): 9, (0, 1): 7}
     assert positions_after({3: ranges}) == {(0, 0): 9, (0, 1): 7}
@@ -353,9 +345,10 @@ def test_a_leader_seals_logs_schedules_and_completes_a_batch(leader: Any) -> Non
     ld.clock.send_assignments()
     assert sorted(len(f.of(wire.Assign)[0].parts) for f in fakes.values()) == [1, 1]
     ld.clock.seal_batch(5000)
-    logged = metalog.batches()[0]
-    assert logged["in/0/0/0"] == OffsetRange("t", 0, 0, 10, 10)
-    assert logged[TIME_KEY][2] == 5000, "the batch time survives a restart"
+    logged = metalog.logged()[0]
+    assert logged.ranges["in/0/0/0"] == OffsetRange("t", 0, 0, 10, 10)
+    assert logged.time_ms == 5000, "the batch time survives a restart"
+    assert set(logged.ranges) == {"in/0/0/0", "in/0/0/1"}, "input blocks only"
     launches = [m for f in fakes.values() for m in f.of(wire.Launch)]
     assert launches and all(m.time_ms == 5000 for m in launches)
     assert any(m.ranges == {"in/0/0/0": (0, 10)} for m in launches), "inputs carry ranges"
@@ -394,3 +387,11 @@ def test_app_failure_is_decided_by_the_failure_kind_not_the_message(leader: Any)
     app = wire.TaskFailed("rd/2/0/0", 0, "a", "ValueError: x", wire.FailureKind.APP_FAILED)
     assert ld.handlers["task_failed"](app.to_wire()) is True
     assert failed == ["ValueError: x"]
+
+
+def test_a_batch_logged_in_the_older_form_is_read() -> None:
+    """Logs written before the batch time had its own field kept it as a pseudo block."""
+    old = {"in/0/4/0": ["t", 0, 5, 9, 4], "@time": ["", 0, 4000, 4000, 0]}
+    assert decode_logged(old) == LoggedBatch(4000, {"in/0/4/0": OffsetRange("t", 0, 5, 9, 4)})
+    new = {"time_ms": 4000, "ranges": {"in/0/4/0": ["t", 0, 5, 9, 4]}}
+    assert decode_logged(new) == decode_logged(old)

@@ -24,18 +24,18 @@ def check_one_leader_at_a_time(log: MetaLog) -> None:
 def check_expiry_hands_over_and_fences(log: MetaLog) -> None:
     a = log.acquire_lease("10.0.0.1:7070", TTL)
     assert a is not None
-    log.log_batch(a.epoch, 0, {})
+    log.log_batch(a.epoch, 0, {}, 0)
     time.sleep(TTL + 0.3)  # the leader stopped renewing (killed, paused)
     b = log.acquire_lease("10.0.0.2:7070", TTL)
     assert b is not None and b.epoch > a.epoch
     assert not log.renew_lease(a, TTL), "the deposed leader cannot renew"
     with pytest.raises(FencedError):
-        log.log_batch(a.epoch, 1, {})
+        log.log_batch(a.epoch, 1, {}, 0)
     with pytest.raises(FencedError):
         log.mark_done(a.epoch, 0)
     with pytest.raises(FencedError):
         log.set_checkpoint(a.epoch, 1, 0, 0)
-    log.log_batch(b.epoch, 1, {})
+    log.log_batch(b.epoch, 1, {}, 0)
     assert log.leader() == b
 
 

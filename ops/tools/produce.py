@@ -467,19 +467,19 @@ def resolve_bootstrap(explicit: str | None = None) -> str:
     """The Kafka bootstrap address to use.
 
     Order: *explicit* (the ``--bootstrap`` flag), ``DSTREAM_KAFKA_BOOTSTRAP``, the local dev
-    services' ``kafka_bootstrap`` (``ops.tools.devservices.discovered_env()``, if that module is
-    installed and knows one), then :data:`DEFAULT_BOOTSTRAP`.
+    services' ``kafka_bootstrap`` (:func:`ops.tools.devservices.discovered_env`, the one way
+    the tooling finds them), then :data:`DEFAULT_BOOTSTRAP`.
     """
     if explicit:
         return explicit
     env = os.environ.get("DSTREAM_KAFKA_BOOTSTRAP", "").strip()
     if env:
         return env
-    try:
-        from ops import devservices  # type: ignore[attr-defined, unused-ignore]
+    from ops.tools import devservices
 
+    try:
         found = devservices.discovered_env().get("kafka_bootstrap")
-    except Exception:  # dev services are optional: fall through to the default
+    except Exception:  # no dev services (no state file): fall through to the default
         found = None
     if isinstance(found, str) and found:
         return found

@@ -434,25 +434,19 @@ def test_bootstrap_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bootstrap_from_dev_services_then_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sys
-    import types
+    from ops.tools import devservices
 
     monkeypatch.delenv("DSTREAM_KAFKA_BOOTSTRAP", raising=False)
-    fake = types.ModuleType("ops.tools.devservices")
-    fake.discovered_env = lambda: {"kafka_bootstrap": "dev:7"}  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "ops.tools.devservices", fake)
-    import ops
-
-    monkeypatch.setattr(ops, "devservices", fake, raising=False)
+    monkeypatch.setattr(devservices, "discovered_env", lambda: {"kafka_bootstrap": "dev:7"})
     assert resolve_bootstrap(None) == "dev:7"
 
-    fake.discovered_env = dict  # type: ignore[attr-defined]
+    monkeypatch.setattr(devservices, "discovered_env", dict)
     assert resolve_bootstrap(None) == DEFAULT_BOOTSTRAP
 
     def broken() -> dict[str, str]:
         raise RuntimeError("no state file")
 
-    fake.discovered_env = broken  # type: ignore[attr-defined]
+    monkeypatch.setattr(devservices, "discovered_env", broken)
     assert resolve_bootstrap(None) == DEFAULT_BOOTSTRAP
 
 

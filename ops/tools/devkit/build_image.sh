@@ -12,7 +12,7 @@
 # A user with Docker Hub builds the same Dockerfile without build arguments.
 # Environment: PYTHON (the interpreter that runs pip; default .venv/bin/python, then python3).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../../.."
 
 PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then

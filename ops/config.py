@@ -78,7 +78,6 @@ class Settings(BaseSettings):
     #: HTTP port (probes, /metrics, status); None: the role's default
     #: (:data:`COORDINATOR_HTTP_PORT` or :data:`WORKER_HTTP_PORT`); 0: any free port
     http_port: int | None = None
-    metrics: bool = True
 
     @field_validator("batch_interval")
     @classmethod

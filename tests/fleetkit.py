@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +65,33 @@ def last_values(messages: list[Any]) -> dict[Any, Any]:
     for m in sorted(messages, key=lambda m: (batch(m), m.partition(), m.offset())):
         out[json.loads(m.key())] = json.loads(m.value())
     return out
+
+
+#: Loopback requests never go through a proxy, whatever the environment says.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_status(port: int) -> dict[str, Any]:
+    """The coordinator's ``GET /api/status`` on this host."""
+    with _OPENER.open(f"http://127.0.0.1:{port}/api/status", timeout=5) as r:
+        return json.loads(r.read())  # type: ignore[no-any-return]
+
+
+def leader_batches(status: dict[str, Any]) -> int:
+    """Completed batches in a status; 0 while the coordinator does not lead yet.
+
+    A coordinator serves HTTP (and ``dstream status``) before it holds the lease; until
+    then its status is the standby view (``role: standby``), which has no batches.
+    """
+    return len(status["batches"]) if status["role"] == "leader" else 0
+
+
+def completed_batches(port: int) -> int:
+    """Completed batches the coordinator on *port* reports; 0 while not up or not leading."""
+    try:
+        return leader_batches(http_status(port))
+    except OSError:
+        return 0
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str, every: float = 0.5) -> None:

@@ -10,12 +10,10 @@ image the README and ``docs/operations.md`` show.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import threading
-import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import pytest
 
 from ops.tools.devservices import free_port
 from ops.tools.produce import produce_pageviews
-from tests.fleetkit import ROOT, fleet_env, run_fleet, wait_for
+from tests.fleetkit import ROOT, completed_batches, fleet_env, http_status, run_fleet, wait_for
 
 #: Debian's binary; ``shutil.which`` also finds ``chromium`` elsewhere on PATH.
 CHROMIUM_PATHS = ("/usr/bin/chromium",)
@@ -110,23 +108,11 @@ class _Tables(HTMLParser):
             self._cell.append(data)
 
 
-#: Loopback requests never go through a proxy, whatever the environment says.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def _status(port: int) -> dict[str, Any]:
-    with _OPENER.open(f"http://127.0.0.1:{port}/api/status", timeout=5) as r:
-        return json.loads(r.read())  # type: ignore[no-any-return]
-
-
 def _batches(port: int, fleet: Any) -> int:
-    """Completed batches the coordinator reports; 0 while it is not up yet."""
+    """Completed batches the coordinator reports; 0 while it is not up or not leading."""
     if fleet.proc.poll() is not None:
         raise AssertionError(f"the fleet exited early:\n{fleet.log}")
-    try:
-        return len(_status(port)["batches"])
-    except OSError:
-        return 0
+    return completed_batches(port)
 
 
 def test_status_page_shows_batches_workers_and_receivers(
@@ -169,7 +155,7 @@ def test_status_page_shows_batches_workers_and_receivers(
             chromium, tmp_path, budget, "--window-size=1280,1150", f"--screenshot={shot}", url
         )
         assert res.returncode == 0, res.stderr[-2000:]
-        status = _status(port)
+        status = http_status(port)
         feeder.join(30)
         code = fleet.interrupt()
         log = fleet.log

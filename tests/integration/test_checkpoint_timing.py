@@ -11,8 +11,7 @@ import redis
 from ops.tools.devservices import free_port
 from ops.tools.produce import produce_pageviews
 from state.metalog import RedisMetaLog
-from tests.fleetkit import fleet_env, wait_for
-from tests.integration.test_fleet import _status
+from tests.fleetkit import completed_batches, fleet_env, http_status, wait_for
 
 EVERY = 4  # checkpoint every 4 batches
 
@@ -39,14 +38,7 @@ def test_checkpoints_do_not_hold_batches_back(
     )
     meta = RedisMetaLog(redis.Redis.from_url(redis_url), app_id)
     with run_fleet("examples/pageviews.py", workers=2, env=env, tmp=tmp_path) as fleet:
-
-        def started() -> bool:
-            try:
-                return len(_status(port)["batches"]) >= 3
-            except OSError:
-                return False
-
-        wait_for(started, 90, "the first batches")
+        wait_for(lambda: completed_batches(port) >= 3, 90, "the first batches")
         feed = threading.Thread(
             target=produce_pageviews,
             args=(kafka_bootstrap, inp),
@@ -55,7 +47,7 @@ def test_checkpoints_do_not_hold_batches_back(
         feed.start()
         feed.join()
         time.sleep(1)
-        st = _status(port)
+        st = http_status(port)
         fleet.interrupt()
     checkpoints = meta.checkpoints()
     assert len(checkpoints) == 4, "every state partition was checkpointed"

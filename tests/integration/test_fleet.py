@@ -6,7 +6,6 @@ import collections
 import json
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,9 @@ from ops.services import load_app
 from ops.tools.devservices import free_port
 from ops.tools.produce import produce_pageviews
 from state.metalog import RedisMetaLog
-from tests.fleetkit import read_topic, run_fleet, wait_for
+from tests.fleetkit import completed_batches, http_status, read_topic, run_fleet, wait_for
 
 APP = "tests/apps/pageviews_window.py"
-
-
-def _status(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=5) as r:
-        return json.loads(r.read())
 
 
 def _by_batch(messages: list[Any]) -> dict[int, list[tuple[Any, Any]]]:
@@ -65,19 +59,19 @@ def test_three_workers_six_partitions_equal_reference(
         )
         feeding.start()
         while feeding.is_alive():
-            samples.append(_status(port))
+            samples.append(http_status(port))
             time.sleep(1)
         feeding.join()
         total = 6000 + 12000
 
         def drained() -> bool:
-            st = _status(port)
+            st = http_status(port)
             samples.append(st)
             return sum(r["position"] for r in st["receivers"]) >= total
 
         wait_for(drained, 60, "all input consumed")
         time.sleep(4)  # let the last batches commit
-        final = _status(port)
+        final = http_status(port)
         code = fleet.interrupt()
         log = fleet.log
     assert code == 0, log
@@ -139,17 +133,10 @@ def test_backpressure_keeps_batches_in_time(
     }
     produce_pageviews(kafka_bootstrap, inp, rate=0, count=60000, keys=100, seed=5)
     with run_fleet("examples/pageviews.py", workers=2, env=env, tmp=tmp_path) as fleet:
-
-        def three_batches() -> bool:
-            try:
-                return len(_status(port)["batches"]) >= 3
-            except OSError:
-                return False
-
-        wait_for(three_batches, 60, "three batches")
+        wait_for(lambda: completed_batches(port) >= 3, 60, "three batches")
         samples = []
         for _ in range(8):
-            samples.append(_status(port))
+            samples.append(http_status(port))
             time.sleep(0.5)
         fleet.interrupt()
     last = samples[-1]

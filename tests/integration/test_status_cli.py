@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ops.tools.produce import produce_pageviews
-from tests.fleetkit import ROOT, Fleet, fleet_env, run_fleet, wait_for
+from tests.fleetkit import ROOT, Fleet, fleet_env, leader_batches, run_fleet, wait_for
 
 _COORDINATOR = re.compile(r"fleet of app \S+: coordinator (\S+) and \d+ workers")
 
@@ -58,7 +58,7 @@ def test_status_prints_tables_during_a_run(
 
         def batches_done() -> bool:
             res = _status(address, secret, "--json")
-            return res.returncode == 0 and len(json.loads(res.stdout)["batches"]) >= 4
+            return res.returncode == 0 and leader_batches(json.loads(res.stdout)) >= 4
 
         wait_for(batches_done, 60, "four completed batches")
         res = _status(address, secret)

@@ -4,14 +4,15 @@ Public: the test kit (:mod:`engine.testing`) is built on it, and unit tests driv
 directly. :class:`LocalRunner` runs exactly the tasks the fleet would run, over the same
 serialized blocks, in the scheduler's order; only the transport is missing.
 
-Blocks are held in a :class:`Blocks` store. The default, :class:`MemoryBlocks`, is a plain
-dict sized like the worker's; the worker's own store (``state.blockstore.BlockStore``, with a
-lock, a byte limit and serialization for peers) fits the same interface and can be passed
-in. The engine never imports ``state``: ``state`` builds on the engine, not the reverse.
+Blocks are held in a :class:`Blocks` store. The default, :class:`MemoryBlocks`, holds them
+in memory sized like the worker's; the worker's own store (``state.blockstore.BlockStore``,
+the same store with a byte limit and serialization for peers) can be passed in. The engine
+never imports ``state``: ``state`` builds on the engine, not the reverse.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -45,28 +46,44 @@ class Blocks(Protocol):
 
 
 class MemoryBlocks:
-    """The runner's default store: named immutable blocks in a dict, one thread, no limit.
+    """Named immutable blocks in memory, with byte accounting: the runner's default store.
 
     Sizes are :func:`engine.executor.block_size`, as on a worker, so :attr:`nbytes` is what
-    the same blocks would hold there.
+    the same blocks would hold there. Thread-safe. The worker's store
+    (``state.blockstore.BlockStore``) is this one with a byte limit and serialization for
+    peers; :meth:`_admit` is where a subclass refuses a block.
     """
 
     def __init__(self) -> None:
         self._blocks: dict[str, Any] = {}
         self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
         self.nbytes = 0
 
-    def put(self, block_id: str, block: Any) -> int:
-        old = self._sizes.get(block_id)
-        if old is not None:
-            return old
+    def _admit(self, size: int) -> None:
+        """Called under the lock before *size* more bytes are held; raise to refuse them."""
+
+    def put(self, block_id: str, block: Any, *, replace: bool = False) -> int:
+        """Store *block* under *block_id*; returns its size.
+
+        Idempotent (same id, same content: the first copy stays) unless *replace*.
+        """
         size = block_size(block)
-        self._blocks[block_id] = block
-        self._sizes[block_id] = size
-        self.nbytes += size
+        with self._lock:
+            old = self._sizes.get(block_id)
+            if old is not None:
+                if not replace:
+                    return old
+                del self._blocks[block_id], self._sizes[block_id]
+                self.nbytes -= old
+            self._admit(size)
+            self._blocks[block_id] = block
+            self._sizes[block_id] = size
+            self.nbytes += size
         return size
 
     def get(self, block_id: str, bucket: int = -1) -> Any:
+        """The block, or one bucket of a shuffle block; raises :class:`BlockMissing`."""
         try:
             block = self._blocks[block_id]
         except KeyError:
@@ -75,16 +92,22 @@ class MemoryBlocks:
             return block[bucket]
         return block
 
+    def has(self, block_id: str) -> bool:
+        return block_id in self._blocks
+
     def free(self, block_ids: Iterable[str]) -> int:
+        """Drop blocks (missing ones are ignored); returns the bytes freed."""
         freed = 0
-        for bid in block_ids:
-            if self._blocks.pop(bid, None) is not None:
-                freed += self._sizes.pop(bid, 0)
-        self.nbytes -= freed
+        with self._lock:
+            for bid in block_ids:
+                if self._blocks.pop(bid, None) is not None:
+                    freed += self._sizes.pop(bid, 0)
+            self.nbytes -= freed
         return freed
 
     def ids(self) -> list[str]:
-        return list(self._blocks)
+        with self._lock:
+            return list(self._blocks)
 
     def __len__(self) -> int:
         return len(self._blocks)

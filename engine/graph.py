@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.durations import Duration, to_seconds
 from engine.errors import GraphError
 
 #: Passed as the event to ``track``'s update function when a key timed out.
@@ -177,28 +178,34 @@ class DStream:
         return self._new("transform", [self], fn=fn, with_time=_arity(fn) >= 2)
 
     # -- windows -------------------------------------------------------------------------
-    def _window_args(self, op: str, window: float, slide: float | None) -> dict[str, int]:
+    def _window_args(self, op: str, window: Duration, slide: Duration | None) -> dict[str, int]:
         iv = self._ssc.batch_interval
-        w = _as_batches(window, iv, "window", op)
-        s = _as_batches(slide if slide is not None else iv, iv, "slide", op)
+        window_s = to_seconds(window, f"{op}: window")
+        slide_s = iv if slide is None else to_seconds(slide, f"{op}: slide")
+        w = _as_batches(window_s, iv, "window", op)
+        s = _as_batches(slide_s, iv, "slide", op)
         if s > w:
             msg = (
                 f"{op}: slide must not be longer than the window: "
-                f"window={window:g}s, slide={slide:g}s"
+                f"window={window_s:g}s, slide={slide_s:g}s"
             )
             raise GraphError(msg)
         return {"window": w, "slide": s}
 
-    def window(self, window: float, slide: float | None = None) -> DStream:
-        """All records of the last ``window`` seconds, every ``slide`` seconds."""
+    def window(self, window: Duration, slide: Duration | None = None) -> DStream:
+        """All records of the last *window* (``"5s"``, or seconds), every *slide*.
+
+        Both are durations (:func:`engine.durations.to_seconds`) and multiples of the batch
+        interval; *slide* defaults to the batch interval.
+        """
         return self._new("window", [self], **self._window_args("window", window, slide))
 
     def reduce_by_key_and_window(
         self,
         fn: Callable[[Any, Any], Any],
         inv_fn: Callable[[Any, Any], Any] | None = None,
-        window: float = 0.0,
-        slide: float | None = None,
+        window: Duration = 0.0,
+        slide: Duration | None = None,
         num_partitions: int | None = None,
         filter_fn: Callable[[Any], bool] | None = None,
     ) -> DStream:
@@ -229,8 +236,8 @@ class DStream:
         self,
         fn: Callable[[Any, Any], Any],
         inv_fn: Callable[[Any, Any], Any] | None = None,
-        window: float = 0.0,
-        slide: float | None = None,
+        window: Duration = 0.0,
+        slide: Duration | None = None,
     ) -> DStream:
         """One record per window: all its records combined with *fn*.
 
@@ -241,7 +248,7 @@ class DStream:
         red = keyed.reduce_by_key_and_window(fn, inv_fn, window, slide, num_partitions=1)
         return red.map(_second)
 
-    def count_by_window(self, window: float, slide: float | None = None) -> DStream:
+    def count_by_window(self, window: Duration, slide: Duration | None = None) -> DStream:
         """One record per window: its record count (0 for an empty window)."""
         # count() gives one record per batch, also for an empty batch, so even a window
         # before the first record has its count (0)
@@ -253,7 +260,7 @@ class DStream:
         return counts.map(_second)
 
     def count_by_value_and_window(
-        self, window: float, slide: float | None = None, num_partitions: int | None = None
+        self, window: Duration, slide: Duration | None = None, num_partitions: int | None = None
     ) -> DStream:
         return self.map(lambda x: (x, 1)).reduce_by_key_and_window(
             operator.add, operator.sub, window, slide, num_partitions, filter_fn=_nonzero_value
@@ -288,20 +295,27 @@ class DStream:
         self,
         init: Callable[[Any, Any], Any],
         update: Callable[[Any, Any, Any], Any],
-        timeout: float | None = None,
+        timeout: Duration | None = None,
         num_partitions: int | None = None,
     ) -> DStream:
         """The seed's track: per key state from ``(key, event)`` records.
 
         ``init(key, event)`` on a key's first event, ``update(key, state, event)`` for each
         later event (in batch order); None deletes the key. A key without events for
-        ``timeout`` seconds (a multiple of the batch interval) gets one final
+        *timeout* (a duration such as ``"30s"``, a multiple of the batch interval) gets one final
         ``update(key, state, TIMEOUT)`` and is dropped; the changelog then carries what that
         call returned. Emits ``(key, state)`` for changed keys (``None`` when deleted).
         """
         _check_callable("track", "init", init)
         _check_callable("track", "update", update)
-        t = _as_batches(timeout, self._ssc.batch_interval, "timeout", "track") if timeout else 0
+        t = 0
+        if timeout is not None:
+            timeout_s = to_seconds(timeout, "track: timeout")
+            t = (
+                _as_batches(timeout_s, self._ssc.batch_interval, "timeout", "track")
+                if timeout_s
+                else 0
+            )
         n = self._ssc._partitions("track", num_partitions)
         return self._new(
             "state", [self], mode="track", init=init, fn=update, timeout=t, num_partitions=n
@@ -390,17 +404,18 @@ class StreamingContext:
     """Entry point of an app: holds the batch interval and the graph built by ``build(ssc)``.
 
     Args:
-        batch_interval: seconds per batch (e.g. 1.0 or 0.5).
+        batch_interval: the batch interval, a duration (``"1s"``, ``"500ms"``, or seconds).
         num_partitions: default partition count of keyed operators; fixed for the app's
             life, since state partitions are keyed by it.
 
     """
 
-    def __init__(self, batch_interval: float = 1.0, num_partitions: int = 4) -> None:
-        if not 0.01 <= batch_interval <= 3600:
-            msg = f"batch interval must be between 0.01 s and 3600 s, got {batch_interval}"
+    def __init__(self, batch_interval: Duration = 1.0, num_partitions: int = 4) -> None:
+        iv = to_seconds(batch_interval, "batch interval")
+        if not 0.01 <= iv <= 3600:
+            msg = f"batch interval must be between 10ms and 1h, got {batch_interval!r}"
             raise GraphError(msg)
-        self.batch_interval = float(batch_interval)
+        self.batch_interval = iv
         self.num_partitions = self._check_partitions("StreamingContext", num_partitions)
         self.nodes: list[Node] = []
         self._slides: dict[int, int] = {}  # node id -> slide in batches

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from engine.durations import Duration
 from engine.graph import DStream, StreamingContext
 from engine.local import LocalRunner
 from engine.reference import ReferenceRunner
@@ -29,7 +30,7 @@ Pipeline = Callable[..., DStream]
 def _build(
     inputs: Sequence[Sequence[Sequence[Any]]],
     func: Pipeline,
-    batch_interval: float,
+    batch_interval: Duration,
     num_partitions: int,
 ) -> tuple[StreamingContext, list[tuple[int, list[Any]]]]:
     ssc = StreamingContext(batch_interval, num_partitions=num_partitions)
@@ -45,7 +46,7 @@ def run_pipeline(
     func: Pipeline,
     *more_inputs: Sequence[Sequence[Any]],
     num_batches: int | None = None,
-    batch_interval: float = 1.0,
+    batch_interval: Duration = 1.0,
     num_partitions: int = 2,
     fail_on_error: bool = False,
     sinks: LocalSinks | None = None,
@@ -67,7 +68,7 @@ def run_reference(
     func: Pipeline,
     *more_inputs: Sequence[Sequence[Any]],
     num_batches: int | None = None,
-    batch_interval: float = 1.0,
+    batch_interval: Duration = 1.0,
 ) -> list[list[Any]]:
     """The same as :func:`run_pipeline`, computed by the plain-Python reference."""
     inputs = [batches, *more_inputs]

@@ -17,8 +17,8 @@ Run it::
     dstream produce --topic pageviews --partitions 3 --rate 1000 --duration 60 &
     dstream run examples/sessions.py --workers 2
 
-Settings: ``PAGEVIEWS_TOPIC``, ``SESSIONS_OUTPUT``, ``EXIT_URL``, ``SESSION_TIMEOUT_S``
-(seconds, a multiple of the batch interval).
+Settings: ``PAGEVIEWS_TOPIC``, ``SESSIONS_OUTPUT``, ``EXIT_URL``, ``SESSION_TIMEOUT``
+(a duration such as ``"30s"``, a multiple of the batch interval).
 """
 
 import os
@@ -27,7 +27,7 @@ from typing import Any
 from engine import TIMEOUT, StreamingContext
 
 EXIT_URL = os.environ.get("EXIT_URL", "/exit")
-SESSION_TIMEOUT_S = float(os.environ.get("SESSION_TIMEOUT_S", "30"))
+SESSION_TIMEOUT = os.environ.get("SESSION_TIMEOUT", "30s")
 
 
 def by_user(event: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -56,5 +56,5 @@ def update(user: str, session: dict[str, Any], view: Any) -> dict[str, Any] | No
 
 def build(ssc: StreamingContext) -> None:
     views = ssc.kafka_stream(os.environ.get("PAGEVIEWS_TOPIC", "pageviews"), value_format="json")
-    sessions = views.map(by_user).track(start, update, timeout=SESSION_TIMEOUT_S)
+    sessions = views.map(by_user).track(start, update, timeout=SESSION_TIMEOUT)
     sessions.to_kafka(os.environ.get("SESSIONS_OUTPUT", "sessions"))

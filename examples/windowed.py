@@ -3,7 +3,7 @@
 Input: JSON page views ``{"url", "user", "ts", "seq"}`` on topic ``pageviews`` (``dstream
 produce`` writes them). Output: topic ``pageview-windows``; every 2 s (a slide), one message
 per url seen so far: key = JSON url, value = JSON count of its views in the 10 s window
-ending there. The window is incremental (``reduce_by_key_and_window(add, sub, 10, 2)``):
+ending there. The window is incremental (``reduce_by_key_and_window(add, sub, "10s", "2s")``):
 each slide adds the newest 2 s and subtracts the 2 s that left, so a url whose views all
 left the window stays with count 0, as in Spark. Window and slide must be multiples of
 the batch interval (1 s and 0.5 s both work).
@@ -22,12 +22,12 @@ import os
 
 from engine import StreamingContext
 
-WINDOW_S = 10
-SLIDE_S = 2
+WINDOW = "10s"
+SLIDE = "2s"
 
 
 def build(ssc: StreamingContext) -> None:
     views = ssc.kafka_stream(os.environ.get("PAGEVIEWS_TOPIC", "pageviews"), value_format="json")
     ones = views.map(lambda event: (event["url"], 1))
-    windows = ones.reduce_by_key_and_window(operator.add, operator.sub, WINDOW_S, SLIDE_S)
+    windows = ones.reduce_by_key_and_window(operator.add, operator.sub, WINDOW, SLIDE)
     windows.to_kafka(os.environ.get("PAGEVIEWS_WINDOW_OUTPUT", "pageview-windows"))

@@ -30,6 +30,6 @@ def build(ssc: StreamingContext) -> None:
     counts = ones.reduce_by_key(operator.add).running_reduce(operator.add)
     counts.to_kafka(os.environ.get("PAGEVIEWS_OUTPUT", "pageview-counts"))
     windowed = ones.reduce_by_key_and_window(
-        operator.add, operator.sub, window=10.0, slide=1.0, filter_fn=_nonzero
+        operator.add, operator.sub, window="10s", slide="1s", filter_fn=_nonzero
     )
     windowed.to_kafka(os.environ.get("PAGEVIEWS_WINDOW_OUTPUT", "pageview-window-counts"))

@@ -106,7 +106,7 @@ def test_sessions_example(
         app_id,
         PAGEVIEWS_TOPIC=inp,
         SESSIONS_OUTPUT=out,
-        SESSION_TIMEOUT_S="10",
+        SESSION_TIMEOUT="10s",
     )
     with run_fleet("examples/sessions.py", workers=2, env=env, tmp=tmp_path) as fleet:
         wait_for(

@@ -32,13 +32,17 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $@
 
 # Debian packages: installed only when missing, and only as root (else a clear error);
-# chromium (headless) is for the status-page test in tests/e2e
+# chromium (headless) is for the status-page test in tests/e2e; iproute2 and iptables for
+# the network-partition tests in tests/fault/test_partitions.py (namespaces, DROP rules)
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing="$$missing iproute2"; \
+	command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || missing="$$missing iptables"; \
 	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	command -v mvn >/dev/null || missing="$$missing maven"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" != 0 ]; then \
 	    echo "missing:$$missing; install them: sudo apt-get install -y$$missing" >&2; exit 1; \

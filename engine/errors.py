@@ -77,3 +77,15 @@ class NotLeaderError(RpcError):
         super().__init__(
             f"coordinator {coordinator} does not lead; the leader is {leader or 'unknown'}"
         )
+
+
+class MetadataLostError(StateError):
+    """The app's metadata in Redis is gone or belongs to another run of the app.
+
+    Raised when a fence finds no epoch (a ``FLUSHALL``, a failover to an empty replica),
+    when a coordinator finds commit markers in Kafka that its Redis metadata does not
+    account for, and when a Kafka commit marker carries another incarnation id. Fatal: a
+    coordinator exits on it (exit code 5) and nothing retries it, since going on would
+    write wrong output. The message says how to proceed (restore Redis, or
+    ``dstream reset --app-id``).
+    """

@@ -69,6 +69,8 @@ class DeadLetter:
     operator: str
     error: str
     value: bytes
+    #: the value's size before it was cut to a bounded prefix (0: not truncated)
+    original_size: int = 0
 
 
 @dataclass

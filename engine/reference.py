@@ -4,6 +4,13 @@ It walks the same graph a batch at a time and computes every operator the obviou
 engine results (in-process or on the fleet) can be compared with it. User functions are
 assumed deterministic, and reduce functions associative and commutative (as in Spark).
 
+A record on which a record-wise user function (``map``, ``filter``, ``flat_map``,
+``map_values``, ``flat_map_values``) raises is left out and listed in
+:attr:`ReferenceRunner.dead_letters`, as the executor dead-letters it; a ``transform`` that
+raises gives an empty batch and one dead letter, as there. Where the executor's letters
+depend on how records were partitioned (a raising reduce function), the reference stops
+with the error instead of guessing.
+
 Public: :class:`ReferenceRunner` is the expected side of ``engine.testing.run_reference``,
 of ``dstream verify`` (``ops/tools/verify.py``) and of the fleet golden tests.
 """
@@ -47,6 +54,19 @@ class ReferenceRunner:
             base = pp[0] if pp else 1
             self.period[n.id] = n.args["slide"] if n.kind in ("window", "window_reduce") else base
         self.next_batch = first
+        #: ``(batch, operator name, "Type: message", record)`` per record a user function
+        #: raised on, in evaluation order.
+        self.dead_letters: list[tuple[int, str, str, Any]] = []
+
+    def _each(self, n: Node, b: int, records: list[Any], fn: Any) -> list[Any]:
+        """``fn(x)`` per record, each a list of results; a raising record is dead-lettered."""
+        out: list[Any] = []
+        for x in records:
+            try:
+                out += fn(x)
+            except Exception as e:
+                self.dead_letters.append((b, n.name, f"{type(e).__name__}: {e}", x))
+        return out
 
     def emits(self, n: Node, b: int) -> bool:
         return (b + 1) % self.period[n.id] == 0
@@ -84,15 +104,15 @@ class ReferenceRunner:
             i = b - self.first
             return list(batches[i]) if i < len(batches) else []
         if k == "map":
-            return [fn(x) for x in ins[0]]
+            return self._each(n, b, ins[0], lambda x: [fn(x)])
         if k == "flat_map":
-            return [y for x in ins[0] for y in fn(x)]
+            return self._each(n, b, ins[0], lambda x: list(fn(x)))
         if k == "filter":
-            return [x for x in ins[0] if fn(x)]
+            return self._each(n, b, ins[0], lambda x: [x] if fn(x) else [])
         if k == "map_values":
-            return [(kk, fn(v)) for kk, v in ins[0]]
+            return self._each(n, b, ins[0], lambda kv: [(kv[0], fn(kv[1]))])
         if k == "flat_map_values":
-            return [(kk, y) for kk, v in ins[0] for y in fn(v)]
+            return self._each(n, b, ins[0], lambda kv: [(kv[0], y) for y in fn(kv[1])])
         if k == "union":
             return [x for i in ins for x in i]
         if k == "repartition":
@@ -122,7 +142,12 @@ class ReferenceRunner:
                     out += [(kk, (None, w)) for w in right]
             return out
         if k == "transform":
-            return list(fn(b * self.interval_ms, ins[0]) if a["with_time"] else fn(ins[0]))
+            try:
+                return list(fn(b * self.interval_ms, ins[0]) if a["with_time"] else fn(ins[0]))
+            except Exception as e:
+                where = f"<batch of {len(ins[0])} records>"
+                self.dead_letters.append((b, n.name, f"{type(e).__name__}: {e}", where))
+                return []
         if k == "window":
             return [x for batch in self._window(n, b - a["window"], b) for x in batch]
         if k == "window_reduce":

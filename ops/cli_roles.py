@@ -1,7 +1,8 @@
-"""The deployed roles' command line: ``dstream coordinator`` and ``dstream worker``.
+"""The deployed roles' command line: ``dstream coordinator``, ``dstream worker``, ``reset``.
 
-Runtime, not tooling: the image's entry point is ``dstream`` with these two commands
-(plus whatever :mod:`ops.tools` adds where it is installed). Shared flag sets and the
+Runtime, not tooling: the image's entry point is ``dstream`` with these commands (plus
+whatever :mod:`ops.tools` adds where it is installed); ``dstream reset`` is here because
+an operator runs it from the image after a Redis data loss. Shared flag sets and the
 settings they build are public here, for the tooling's ``dstream run`` and ``status``.
 """
 
@@ -13,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DStreamError
 
 log = logging.getLogger("dstream.run")
 
@@ -61,6 +62,23 @@ def register(sub: Any) -> None:
     p.add_argument("--coordinator", help="coordinator address host:port")
     add_listen_args(p, "worker")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "reset",
+        help="forget an app: delete its Kafka commit markers and its Redis keys",
+        description=(
+            "Delete the app's output commit marker groups in Kafka and every Redis key of "
+            "the app (dstream:<app-id>:*), so that its next start is a fresh one. Refused "
+            "while a coordinator holds the app's lease, unless --force."
+        ),
+    )
+    p.add_argument("--app-id", required=True, help="the app id to reset")
+    p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers")
+    p.add_argument("--redis-url", help="Redis URL (redis:// or rediss://)")
+    p.add_argument(
+        "--force", action="store_true", help="reset even while a coordinator holds the lease"
+    )
+    p.set_defaults(func=cmd_reset)
 
 
 def setup_logging(level: str) -> None:
@@ -127,3 +145,44 @@ def cmd_worker(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+#: Keys deleted per Redis ``DEL`` by ``dstream reset``.
+RESET_DELETE_BATCH = 500
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    """``dstream reset --app-id ID``: delete the app's commit markers and Redis keys.
+
+    Redis first, then Kafka: a reset interrupted in between leaves markers without
+    metadata, which the next start refuses (run the reset again), never the reverse
+    (metadata whose markers are gone would let batches be written twice).
+    """
+    from ops.markers import delete_marker_groups
+    from ops.services import redis_client, settings_from
+    from state.metalog import RedisMetaLog
+
+    app_id = args.app_id
+    if not app_id or any(c in app_id for c in "*?[]\\"):
+        msg = f"invalid app id {app_id!r}"
+        raise ConfigError(msg)
+    settings = settings_from(
+        app_id=app_id, kafka_bootstrap=args.kafka_bootstrap, redis_url=args.redis_url
+    )
+    client = redis_client(settings)
+    lease = RedisMetaLog(client, app_id).leader()
+    if lease is not None and not args.force:
+        msg = (
+            f"app {app_id} is running: coordinator {lease.holder} holds its lease (epoch "
+            f"{lease.epoch}). Stop the app first (or pass --force if that coordinator is gone)"
+        )
+        raise DStreamError(msg)
+    keys = list(client.scan_iter(match=f"dstream:{app_id}:*", count=1000))
+    for i in range(0, len(keys), RESET_DELETE_BATCH):
+        client.delete(*keys[i : i + RESET_DELETE_BATCH])
+    groups = delete_marker_groups(settings, app_id)
+    print(
+        f"reset app {app_id}: deleted {len(keys)} Redis keys and {len(groups)} Kafka commit "
+        f"marker groups{': ' + ', '.join(groups) if groups else ''}; its next start is fresh"
+    )
+    return 0

@@ -24,6 +24,16 @@ COORDINATOR_RPC_PORT = 7070
 COORDINATOR_HTTP_PORT = 8080
 WORKER_RPC_PORT = 7071
 WORKER_HTTP_PORT = 8081
+#: Automatic peer deadline: half a batch interval, but at least :data:`PEER_DEADLINE_MIN_S`
+#: and at most :data:`PEER_DEADLINE_MAX_S`. A sealed block holds one interval of records
+#: and a fetched block one task's worth: over loopback or a LAN they move in milliseconds,
+#: so a peer that has not answered in half an interval is paused or wedged, and giving up
+#: then keeps the extra delay a paused peer costs its fleet under one interval. The floor
+#: allows for a loaded peer whose handler thread waits tens of milliseconds for the GIL;
+#: past the cap, waiting longer only delays the fallback (another peer or holder).
+PEER_DEADLINE_FRACTION = 0.5
+PEER_DEADLINE_MIN_S = 0.1
+PEER_DEADLINE_MAX_S = 1.0
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/]*):(?P<pw>[^@/]+)@")
 
 
@@ -68,13 +78,30 @@ class Settings(BaseSettings):
     task_slots: int = 2
     heartbeat_interval: float = 0.5
     heartbeat_misses: int = 3
+    #: the deadline (s) of a worker's call to a peer (replicating a sealed block, fetching
+    #: a block); 0: automatic (:attr:`Settings.peer_deadline_s`)
+    peer_deadline: float = 0.0
     max_records_per_partition: int = 0  # per batch; 0 means unlimited
     adaptive_rate: bool = False  # lower the per-partition cap to keep batches in time
     speculation: bool = True
     speculation_multiplier: float = 1.4
     speculation_quantile: float = 0.75
     dead_letter_topic: str = ""
+    #: partitions and replication factor of an output or dead-letter topic the coordinator
+    #: creates at start because it did not exist (-1: the broker's default replication)
+    output_topic_partitions: int = 1
+    output_topic_replication: int = -1
+    #: seconds a Redis write waits (WAIT 1) for a replica's acknowledgement when the URL
+    #: is a Sentinel one and the master has a replica; 0: never wait
+    redis_wait_timeout: float = 1.0
+    #: a dead letter's value is cut to its first 1,024 bytes (headers say so) past this
+    #: size: with its headers it stays under librdkafka's default ``message.max.bytes``
+    #: (1,000,000) and the broker's (1,048,588), so no dead letter is ever refused
+    dead_letter_max_bytes: int = 990_000
     fail_on_error: bool = False
+    #: a task that keeps failing (transient errors, retried with backoff) for longer than
+    #: this (s) is reported once at ERROR and counted in ``dstream_stuck_tasks``
+    task_retry_alert_seconds: float = 60.0
     #: HTTP port (probes, /metrics, status); None: the role's default
     #: (:data:`COORDINATOR_HTTP_PORT` or :data:`WORKER_HTTP_PORT`); 0: any free port
     http_port: int | None = None
@@ -92,6 +119,30 @@ class Settings(BaseSettings):
     def _at_least_one(cls, v: int) -> int:
         if v < 1:
             msg = f"must be at least 1, got {v}"
+            raise ValueError(msg)
+        return v
+
+    @field_validator("output_topic_partitions")
+    @classmethod
+    def _topic_partitions(cls, v: int) -> int:
+        if v < 1:
+            msg = f"output_topic_partitions must be at least 1, got {v}"
+            raise ValueError(msg)
+        return v
+
+    @field_validator("output_topic_replication")
+    @classmethod
+    def _topic_replication(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            msg = f"output_topic_replication must be -1 (broker default) or at least 1, got {v}"
+            raise ValueError(msg)
+        return v
+
+    @field_validator("redis_wait_timeout")
+    @classmethod
+    def _wait_timeout(cls, v: float) -> float:
+        if not 0 <= v <= 4:  # below the Redis clients' 5 s socket timeout
+            msg = f"redis_wait_timeout must be between 0 and 4 s, got {v}"
             raise ValueError(msg)
         return v
 
@@ -185,6 +236,35 @@ class Settings(BaseSettings):
         if self.checkpoint_every:
             return self.checkpoint_every
         return max(1, round(10.0 / self.batch_interval))
+
+    @model_validator(mode="after")
+    def _peer_deadline_below_heartbeat_timeout(self) -> Settings:
+        if not 0 <= self.peer_deadline < self.heartbeat_timeout:
+            msg = (
+                f"peer_deadline must be at least 0 (0: automatic) and below the heartbeat "
+                f"timeout (heartbeat_interval * heartbeat_misses = {self.heartbeat_timeout} s), "
+                f"got {self.peer_deadline}"
+            )
+            raise ValueError(msg)
+        return self
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        """Seconds of silence after which the coordinator declares a worker lost."""
+        return self.heartbeat_interval * self.heartbeat_misses
+
+    @property
+    def peer_deadline_s(self) -> float:
+        """The deadline of a call to a peer worker: the setting, or automatic.
+
+        Automatic: half a batch interval within [:data:`PEER_DEADLINE_MIN_S`,
+        :data:`PEER_DEADLINE_MAX_S`], and below half the heartbeat timeout, so a worker
+        has moved on from a paused peer well before the coordinator declares it lost.
+        """
+        if self.peer_deadline:
+            return self.peer_deadline
+        auto = max(PEER_DEADLINE_MIN_S, self.batch_interval * PEER_DEADLINE_FRACTION)
+        return min(PEER_DEADLINE_MAX_S, auto, self.heartbeat_timeout / 2)
 
     @property
     def batch_interval_ms(self) -> int:

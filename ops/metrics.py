@@ -35,6 +35,9 @@ TOTAL_DELAY = Histogram(
     buckets=_DELAY_BUCKETS,
 )
 BATCHES_PENDING = Gauge("dstream_batches_pending", "Batches generated but not yet complete")
+BATCH_INTERVAL = Gauge(
+    "dstream_batch_interval_seconds", "The batch interval the leading coordinator cuts batches at"
+)
 BATCHES_COMPLETED = Counter("dstream_batches_completed_total", "Batches fully committed")
 RECEIVER_LAG = Gauge(
     "dstream_receiver_lag_records",
@@ -61,10 +64,17 @@ CHECKPOINT_DURATION = Histogram(
     "dstream_checkpoint_duration_seconds", "State checkpoint write time", buckets=_DELAY_BUCKETS
 )
 CHECKPOINT_BYTES = Gauge("dstream_checkpoint_size_bytes", "Bytes of the last state checkpoint")
+CHECKPOINT_FAILURES = Counter(
+    "dstream_checkpoint_failures_total", "State checkpoint writes that failed (lineage grows)"
+)
 BLOCK_STORE_BYTES = Gauge("dstream_block_store_bytes", "Bytes held by the worker block store")
 BLOCK_STORE_BLOCKS = Gauge("dstream_block_store_blocks", "Blocks held by the worker block store")
 DEAD_LETTERED = Counter(
     "dstream_dead_lettered_records_total", "Records sent to the dead-letter topic", ["reason"]
+)
+STUCK_TASKS = Gauge(
+    "dstream_stuck_tasks",
+    "Tasks that have kept failing for longer than task_retry_alert_seconds",
 )
 LIVE_WORKERS = Gauge("dstream_live_workers", "Workers with a current heartbeat")
 DEGRADED = Gauge(
@@ -87,6 +97,7 @@ ALL_METRIC_NAMES = (
     "dstream_processing_time_seconds",
     "dstream_total_delay_seconds",
     "dstream_batches_pending",
+    "dstream_batch_interval_seconds",
     "dstream_batches_completed_total",
     "dstream_receiver_lag_records",
     "dstream_task_duration_seconds",
@@ -97,11 +108,22 @@ ALL_METRIC_NAMES = (
     "dstream_recovery_seconds",
     "dstream_checkpoint_duration_seconds",
     "dstream_checkpoint_size_bytes",
+    "dstream_checkpoint_failures_total",
     "dstream_block_store_bytes",
     "dstream_block_store_blocks",
     "dstream_dead_lettered_records_total",
+    "dstream_stuck_tasks",
     "dstream_live_workers",
     "dstream_dependency_degraded",
     "dstream_coordinator_leader",
     "dstream_fenced_total",
 )
+
+# Label values known in advance are exported (at 0) from the start, so that a panel or an
+# alert sees the series before the first event and rate()/increase() count the first one.
+for _dependency in ("kafka", "redis"):
+    DEGRADED.labels(dependency=_dependency)
+for _reason in ("decode", "encode", "user"):  # ops.sinks.dead_letter_reason's values
+    DEAD_LETTERED.labels(reason=_reason)
+for _role in ("coordinator", "worker"):
+    FENCED.labels(role=_role)

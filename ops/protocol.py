@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from engine.executor import DeadLetter
 from engine.plan import TaskSpec
 from state.metalog import OffsetRange
 
@@ -72,6 +73,7 @@ class FailureKind(StrEnum):
     MISSING_INPUT = "missing_input"  # an input block is gone: rebuild it, then retry
     FENCED = "fenced"  # another attempt or a newer leader owns the output: retry is safe
     APP_FAILED = "app_failed"  # a user function raised under fail_on_error: the app stops
+    METADATA_LOST = "metadata_lost"  # Redis lost the app's metadata: the coordinator exits
 
 
 # -- worker -> coordinator ----------------------------------------------------------------
@@ -99,13 +101,18 @@ class Register:
 
 @dataclass(frozen=True, slots=True)
 class RegisterReply:
-    """What a worker needs to build the plan: the leader's epoch, first batch, layout."""
+    """What a worker needs to build the plan: the leader's epoch, first batch, layout.
+
+    *incarnation* is the app's incarnation id, which the Kafka sink writes into (and checks
+    in) its commit markers.
+    """
 
     epoch: int
     first: int
     #: source node -> its input partitions as (topic, partition); topic "" for a queue
     layout: dict[int, list[tuple[str, int]]]
     interval_ms: int
+    incarnation: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -113,12 +120,13 @@ class RegisterReply:
             "first": self.first,
             "layout": {str(k): [list(tp) for tp in v] for k, v in self.layout.items()},
             "interval_ms": self.interval_ms,
+            "incarnation": self.incarnation,
         }
 
     @classmethod
     def from_wire(cls, w: dict[str, Any]) -> RegisterReply:
         layout = {int(k): [(str(t), int(p)) for t, p in v] for k, v in w["layout"].items()}
-        return cls(w["epoch"], w["first"], layout, w["interval_ms"])
+        return cls(w["epoch"], w["first"], layout, w["interval_ms"], w.get("incarnation", ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +170,9 @@ class TaskDone:
     input_records: int = 0
     dead: int = 0  # records dead-lettered
     seconds: float = 0.0
+    #: the attempt's dead letters (each value bounded by ``dead_letter_max_bytes``); the
+    #: coordinator commits those of a task's first accepted attempt, once per batch
+    letters: list[DeadLetter] = field(default_factory=list)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -172,6 +183,7 @@ class TaskDone:
             "input_records": self.input_records,
             "dead": self.dead,
             "seconds": self.seconds,
+            "letters": [letter_to_wire(d) for d in self.letters],
         }
 
     @classmethod
@@ -184,7 +196,33 @@ class TaskDone:
             w.get("input_records", 0),
             w.get("dead", 0),
             w.get("seconds", 0.0),
+            [letter_from_wire(d) for d in w.get("letters", ())],
         )
+
+
+def letter_to_wire(d: DeadLetter) -> dict[str, Any]:
+    """A dead letter as a msgpack-friendly dict, keyed by field name."""
+    return {
+        "topic": d.topic,
+        "partition": d.partition,
+        "offset": d.offset,
+        "operator": d.operator,
+        "error": d.error,
+        "value": d.value,
+        "original_size": d.original_size,
+    }
+
+
+def letter_from_wire(w: dict[str, Any]) -> DeadLetter:
+    return DeadLetter(
+        str(w["topic"]),
+        int(w["partition"]),
+        int(w["offset"]),
+        str(w["operator"]),
+        str(w["error"]),
+        bytes(w["value"]),
+        int(w.get("original_size", 0)),
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,9 @@ from engine.errors import ConfigError, GraphError
 from engine.graph import StreamingContext
 from ops.config import Settings, load_settings
 
+#: URL schemes of a Sentinel-managed Redis (plain, TLS): see :func:`redis_client`.
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+
 #: Redis socket timeouts: a dead server is noticed within seconds, not minutes.
 REDIS_TIMEOUT_S = 5.0
 
@@ -31,7 +34,22 @@ def settings_from(**flags: Any) -> Settings:
 
 
 def redis_client(settings: Settings) -> Any:
-    """A Redis client for the settings' URL (AUTH and TLS via ``rediss://`` work)."""
+    """The Redis client of every fleet role: the one place a Redis connection is made.
+
+    ``redis://`` and ``rediss://`` (TLS) URLs connect to one server; AUTH comes from the
+    URL or ``DSTREAM_REDIS_PASSWORD``. A Sentinel URL,
+    ``redis+sentinel://[[user]:password@]host1:port1,host2:port2/<master-name>[/<db>]``
+    (``rediss+sentinel://`` for TLS to the sentinels and the servers), asks the sentinels
+    for the master and follows a failover: a connection that breaks or finds a demoted
+    master asks them again. Behind a Sentinel URL every write is followed by
+    ``WAIT 1 <redis_wait_timeout>`` while the master has a replica
+    (:class:`ops.redis_sentinel.ReplicatedRedis`), so what the metadata log acknowledged
+    survives a failover.
+
+    Raises:
+        ConfigError: a Sentinel URL that does not parse.
+
+    """
     import redis
 
     kwargs: dict[str, Any] = {
@@ -42,7 +60,26 @@ def redis_client(settings: Settings) -> Any:
     password = settings.redis_password.get_secret_value()
     if password:
         kwargs["password"] = password
-    return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+    url = settings.redis_url.get_secret_value()
+    if not url.startswith(SENTINEL_SCHEMES):
+        return redis.Redis.from_url(url, **kwargs)
+    from redis.sentinel import Sentinel
+
+    from ops.redis_sentinel import ReplicatedRedis, parse_sentinel_url
+
+    target = parse_sentinel_url(url)
+    if target.password:
+        kwargs["password"] = target.password
+    if target.username:
+        kwargs["username"] = target.username
+    sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+    if target.tls:
+        kwargs["ssl"] = True
+        sentinel_kwargs["ssl"] = True
+    sentinel = Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs, **kwargs)
+    client: Any = sentinel.master_for(target.master, redis_class=ReplicatedRedis, db=target.db)
+    client.wait_timeout_ms = round(settings.redis_wait_timeout * 1000)
+    return client
 
 
 def topic_partitions(

@@ -11,6 +11,12 @@ An output task commits only after the coordinator granted it the commit right of
   nothing twice.
 * Redis: a Lua script writes the batch's keys and the partition's marker together, and
   only when the batch is newer than the marker and the caller's epoch is current.
+
+Output records are encoded one by one before the commit is asked for
+(:func:`encode_records`): one that cannot be encoded is a dead letter, not a failed task.
+Workers do not write dead letters: they bound them (:func:`bound_letter`) and report them
+with ``task_done``; the coordinator commits them once per batch
+(:mod:`ops.coordinator.dead_letters`).
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.codec import pack
-from engine.errors import DStreamError, FencedError
+from engine.errors import DStreamError, FencedError, MetadataLostError, UserFunctionError
 from engine.executor import DeadLetter
 from engine.graph import Node
 from engine.plan import TaskSpec
 from engine.sinks import SinkEnv, run_engine_sink
 from ops import faults
 from ops.config import Settings
+from state.metalog import fence_error
 
 log = logging.getLogger("dstream.sinks")
 
@@ -94,10 +101,20 @@ def _json(x: Any) -> bytes:
 
 
 def _default(x: Any) -> Any:
+    """JSON of what :mod:`json` does not know: bytes as text, sets as sorted lists.
+
+    A set (or frozenset) is written as a list sorted by value when its members compare
+    (``{3, 1, 2}`` -> ``[1,2,3]``), else by their ``repr`` - deterministic either way, so a
+    re-run writes identical bytes. Anything else raises :class:`TypeError` (the record is
+    then an encode dead letter).
+    """
     if isinstance(x, bytes):
         return x.decode("utf-8", "replace")
     if isinstance(x, set | frozenset):
-        return sorted(x, key=repr)
+        try:
+            return sorted(x)
+        except TypeError:
+            return sorted(x, key=repr)
     msg = f"cannot encode {type(x).__name__} as JSON"
     raise TypeError(msg)
 
@@ -110,9 +127,145 @@ def encode_output(record: Any, fmt: str) -> tuple[bytes | None, bytes]:
     return None, enc(record)
 
 
+class Encoded(tuple[bytes | None, bytes]):
+    """An output record already encoded as a Kafka ``(key, value)`` (see :func:`encode_records`)."""
+
+    __slots__ = ()
+
+
+#: Bytes a Kafka record needs beyond its key and value (record and batch framing, the
+#: ``dstream-batch`` headers), when checking it against the producer's ``message.max.bytes``.
+RECORD_OVERHEAD_BYTES = 512
+#: librdkafka's default ``message.max.bytes``.
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+#: How much of an oversize value a truncated dead letter keeps.
+TRUNCATED_PREFIX_BYTES = 1024
+
+
+def _letter_value(record: Any) -> bytes:
+    if isinstance(record, bytes):
+        return record
+    try:
+        return json.dumps(record, default=repr).encode()
+    except (TypeError, ValueError):
+        return repr(record).encode()
+
+
+def encode_records(
+    node: Node,
+    spec: TaskSpec,
+    records: list[Any],
+    max_message_bytes: int,
+    fail: bool = False,
+) -> tuple[list[Any], list[DeadLetter]]:
+    """Encode an output task's records one by one, before its commit is asked for.
+
+    Called on the output task path (worker) with the records the executor produced. A
+    record that cannot be encoded (``TypeError``/``ValueError``/``OverflowError``, e.g. a
+    ``complex`` as JSON) or whose encoded Kafka record would exceed
+    *max_message_bytes* becomes a dead letter of operator ``<node>.encode`` (coordinates:
+    the output topic or node, the output partition, offset -1) and is left out; the rest
+    commits. Kafka records come back as :class:`Encoded` (the commit does not encode them
+    again); Redis records come back as they were, once their value is known to encode.
+    Engine-side sinks (``foreach_batch``, ``pprint``) take records as they are.
+
+    With *fail* (``fail_on_error``) the first such record raises
+    :class:`UserFunctionError` instead, which stops the app.
+
+    Deterministic: the same records give the same output and the same dead letters.
+    """
+    sink = getattr(node, "args", {}).get("sink")
+    if sink not in ("kafka", "redis"):
+        return records, []
+    where = node.args["topic"] if sink == "kafka" else node.name
+    operator = f"{node.name}.encode"
+    out: list[Any] = []
+    dead: list[DeadLetter] = []
+    fmt = node.args.get("format", "json")
+    for r in records:
+        try:
+            if sink == "kafka":
+                k, v = encode_output(r, fmt)
+                size = len(k or b"") + len(v) + RECORD_OVERHEAD_BYTES
+                if size > max_message_bytes:
+                    msg = (
+                        f"encoded record of {size} bytes exceeds the producer's "
+                        f"message.max.bytes {max_message_bytes}"
+                    )
+                    raise ValueError(msg)
+                out.append(Encoded((k, v)))
+            else:
+                v = r[1] if isinstance(r, tuple | list) and len(r) == 2 else r
+                _json(v)
+                out.append(r)
+        except (TypeError, ValueError, OverflowError) as e:
+            coords = f"output {where} partition {spec.part} batch {spec.batch}"
+            if fail:
+                raise UserFunctionError(operator, e, r, coords) from e
+            dead.append(
+                DeadLetter(
+                    where, spec.part, -1, operator, f"{type(e).__name__}: {e}", _letter_value(r)
+                )
+            )
+    return out, dead
+
+
+def bound_letter(d: DeadLetter, max_bytes: int) -> DeadLetter:
+    """*d*, or its truncated form when its value exceeds *max_bytes*.
+
+    The truncated letter keeps the value's first :data:`TRUNCATED_PREFIX_BYTES` bytes and
+    its original size (headers ``dstream-truncated``, ``dstream-size``).
+
+    Called on the worker before letters cross the RPC, so no dead letter can be refused by
+    the broker (MSG_SIZE_TOO_LARGE) and no oversize value travels to the coordinator.
+    """
+    if len(d.value) <= max_bytes:
+        return d
+    return DeadLetter(
+        d.topic,
+        d.partition,
+        d.offset,
+        d.operator,
+        d.error,
+        d.value[:TRUNCATED_PREFIX_BYTES],
+        len(d.value),
+    )
+
+
+def letter_headers(d: DeadLetter, batch_ms: int, batch: int) -> list[tuple[str, bytes]]:
+    """The headers of a dead-letter record (source coordinates, operator, error, batch)."""
+    headers = [
+        ("dstream-source-topic", d.topic.encode()),
+        ("dstream-source-partition", str(d.partition).encode()),
+        ("dstream-source-offset", str(d.offset).encode()),
+        ("dstream-operator", d.operator.encode()),
+        ("dstream-error", d.error.encode()[:1000]),
+        ("dstream-batch", str(batch_ms).encode()),
+        ("dstream-batch-seq", str(batch).encode()),
+    ]
+    if d.original_size:
+        headers += [
+            ("dstream-truncated", b"true"),
+            ("dstream-size", str(d.original_size).encode()),
+        ]
+    return headers
+
+
+def dead_letter_reason(operator: str) -> str:
+    """The ``reason`` label of a dead letter: ``decode``, ``encode`` or ``user``."""
+    if operator.endswith(".decode"):
+        return "decode"
+    if operator.endswith(".encode"):
+        return "encode"
+    return "user"
+
+
 _REDIS_COMMIT = """
 -- KEYS[1] epoch key, KEYS[2] marker hash; ARGV: epoch, partition, batch, mode, hash, n, k/v...
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+-- a missing epoch is lost metadata (FLUSHALL, an empty replica), never epoch 0
+local raw = redis.call('GET', KEYS[1])
+if not raw then return redis.error_reply('METADATA_LOST ' .. KEYS[1] .. ' is missing') end
+local cur = tonumber(raw)
 if tonumber(ARGV[1]) < cur then return redis.error_reply('FENCED epoch ' .. ARGV[1]) end
 local last = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '-1')
 if tonumber(ARGV[3]) <= last then return 0 end
@@ -134,19 +287,26 @@ return 1
 class FleetSinks(SinkEnv):
     """Kafka, Redis and engine-side sinks of one worker process."""
 
-    def __init__(self, settings: Settings, app_id: str, epoch_fn: Any = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        app_id: str,
+        epoch_fn: Any = None,
+        incarnation_fn: Callable[[], str] | None = None,
+    ) -> None:
         self.settings = settings
         self.app_id = app_id
         self._epoch_fn = epoch_fn or (lambda: 0)
+        #: the app's incarnation id (from the leader's registration reply): Kafka commit
+        #: markers carry it, and a marker of another incarnation is lost metadata
+        self._incarnation_fn = incarnation_fn or (lambda: "")
         self._lock = threading.Lock()
         self._producers: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._redis: Any = None
         self._redis_script: Any = None
-        self._dlq: Any = None
         self.committed_batches = 0
         self._kafka_ok = True
         self.skipped_batches = 0
-        self.dead_lettered = 0
 
     # -- kafka -----------------------------------------------------------------------------
     def _producer(self, node: Node, part: int) -> tuple[Any, Any]:
@@ -208,7 +368,19 @@ class FleetSinks(SinkEnv):
         producer, marker = self._producer(node, spec.part)
         tp = TopicPartition(topic, 0)
         try:
-            done = self._committed(marker, tp)
+            incarnation = self._incarnation_fn()
+            done, marked = self.committed(marker, tp)
+            if done is not None and done >= 0 and marked != incarnation:
+                # another run's marker (its Redis metadata was lost, or this one's): never
+                # "already written", never overwritten; the coordinator stops the app
+                msg = (
+                    f"app {self.app_id}: the commit marker of {node.name} partition "
+                    f"{spec.part} (batch {done - 1}) belongs to incarnation {marked or 'unknown'}"
+                    f", not to this run's {incarnation or 'unknown'}: the app's Redis metadata "
+                    f"was lost or replaced. Restore Redis from a backup, or run `dstream reset "
+                    f"--app-id {self.app_id}` to start the app fresh"
+                )
+                raise MetadataLostError(msg)
             if done is not None and done > spec.batch:
                 self.skipped_batches += 1
                 return  # this batch (or a later one) is already in Kafka
@@ -219,7 +391,7 @@ class FleetSinks(SinkEnv):
             ]
             fmt = node.args["format"]
             for r in records:
-                k, v = encode_output(r, fmt)
+                k, v = r if isinstance(r, Encoded) else encode_output(r, fmt)
                 while True:
                     try:
                         producer.produce(topic, value=v, key=k, headers=headers)
@@ -229,7 +401,7 @@ class FleetSinks(SinkEnv):
             bounded_call(
                 "send_offsets_to_transaction",
                 producer.send_offsets_to_transaction,
-                [TopicPartition(topic, 0, spec.batch + 1)],
+                [TopicPartition(topic, 0, spec.batch + 1, metadata=incarnation)],
                 marker.consumer_group_metadata(),
                 KAFKA_CALL_TIMEOUT_S,
                 timeout=KAFKA_CALL_TIMEOUT_S,
@@ -303,20 +475,32 @@ class FleetSinks(SinkEnv):
             self._kafka_commit(node, spec, batch_ms, records, guard)
 
     @staticmethod
-    def _committed(marker: Any, tp: Any) -> int | None:
-        """The marker group's committed offset, retrying transient coordinator errors."""
-        from confluent_kafka import KafkaException
+    def committed(marker: Any, tp: Any) -> tuple[int | None, str]:
+        """The marker group's committed offset and its metadata (the incarnation id).
 
+        The offset is negative when no marker was committed. Transient coordinator errors
+        are retried, including a group coordinator that moved or is still loading (which
+        librdkafka does not flag retriable; a fresh broker answers so while it creates
+        ``__consumer_offsets``).
+        """
+        from confluent_kafka import KafkaError, KafkaException
+
+        moving = (
+            KafkaError.NOT_COORDINATOR,
+            KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+            KafkaError.COORDINATOR_NOT_AVAILABLE,
+        )
         for attempt in range(6):
             try:
                 got = bounded_call("committed", marker.committed, [tp], 5.0, timeout=5.0)
-                return got[0].offset  # type: ignore[no-any-return]
+                return got[0].offset, got[0].metadata or ""
             except KafkaException as e:
                 err = e.args[0] if e.args else None
-                if err is None or not err.retriable() or attempt == 5:
+                transient = err is not None and (err.retriable() or err.code() in moving)
+                if not transient or attempt == 5:
                     raise
                 time.sleep(0.1 * (attempt + 1))
-        return None
+        return None, ""
 
     def _kafka_state(self, ok: bool, why: str = "") -> None:
         """Say once per change whether Kafka is reachable (log line and metric)."""
@@ -367,6 +551,8 @@ class FleetSinks(SinkEnv):
         try:
             res = self._redis_script(keys=[prefix + "epoch", f"{prefix}out:{node.id}"], args=args)
         except redis.ResponseError as e:
+            if "METADATA_LOST" in str(e):
+                raise fence_error(e) from e  # MetadataLostError, with what to do
             if "FENCED" in str(e):
                 raise FencedError(str(e)) from e
             raise
@@ -392,31 +578,6 @@ class FleetSinks(SinkEnv):
         else:
             run_engine_sink(node, batch_time_ms, records)
 
-    def dead_letters(self, letters: list[DeadLetter]) -> None:
-        """Send dead letters to the dead-letter topic (at least once), or log them."""
-        from ops.metrics import DEAD_LETTERED
-
-        for d in letters:
-            DEAD_LETTERED.labels(
-                reason="decode" if d.operator.endswith(".decode") else "user"
-            ).inc()
-        self.dead_lettered += len(letters)
-        topic = self.settings.dead_letter_topic or f"{self.app_id}-dead-letters"
-        from confluent_kafka import Producer
-
-        if self._dlq is None:
-            self._dlq = Producer(self.settings.kafka_client_config(**{"linger.ms": 20}))
-        for d in letters:
-            headers = [
-                ("dstream-source-topic", d.topic.encode()),
-                ("dstream-source-partition", str(d.partition).encode()),
-                ("dstream-source-offset", str(d.offset).encode()),
-                ("dstream-operator", d.operator.encode()),
-                ("dstream-error", d.error.encode()[:1000]),
-            ]
-            self._dlq.produce(topic, value=d.value, headers=headers)
-        self._dlq.flush(KAFKA_CALL_TIMEOUT_S)
-
     def close(self) -> None:
         with self._lock:
             items = list(self._producers.values())
@@ -424,5 +585,3 @@ class FleetSinks(SinkEnv):
         for producer, marker in items:
             producer.flush(5)
             marker.close()
-        if self._dlq is not None:
-            self._dlq.flush(5)

@@ -2,7 +2,13 @@
 
 Per app (every key is prefixed ``dstream:{app_id}:``):
 
-* ``epoch``: bumped by every coordinator start; writes carrying an older epoch are fenced;
+* ``epoch``: bumped by every coordinator start; writes carrying an older epoch are fenced,
+  and every fenced write refuses with ``METADATA_LOST`` (:class:`MetadataLostError`) when
+  the key is missing: the metadata was lost (``FLUSHALL``, a failover to an empty
+  replica), and a missing epoch never reads as 0;
+* ``incarnation``: a random id written once, by the coordinator that starts the app for
+  the first time (or after ``dstream reset``); the Kafka sink's commit markers carry it, so
+  markers of another run of the app are never taken for this one's;
 * ``first``: the app's first batch index (set once);
 * ``batches``: batch index -> msgpack ``{"time_ms": t, "ranges": {block_id: [topic,
   partition, from, until, count]}}``, written **before** the batch is scheduled (Kafka is the
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from engine.codec import pack, unpack
-from engine.errors import FencedError
+from engine.errors import FencedError, MetadataLostError
 
 
 class OffsetRange(NamedTuple):
@@ -118,6 +124,18 @@ class MetaLog(ABC):
         """The current epoch (0 before any coordinator started)."""
 
     @abstractmethod
+    def incarnation(self) -> str | None:
+        """The app's incarnation id; None when the app has no metadata (first start, or lost)."""
+
+    @abstractmethod
+    def create_incarnation(self, proposed: str) -> str:
+        """Set the incarnation to *proposed* unless one is set; returns the one in force.
+
+        Called by a leader that found no metadata (and no commit markers in Kafka): the
+        first start of the app id, or the first after ``dstream reset``.
+        """
+
+    @abstractmethod
     def first_batch(self, proposed: int) -> int:
         """The app's first batch: *proposed* on the first call ever, the stored one after."""
 
@@ -164,7 +182,8 @@ class MemoryMetaLog(MetaLog):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._epoch = 0
+        self._epoch: int | None = None  # None: no epoch key (nothing started, or lost)
+        self._incarnation: str | None = None
         self._first: int | None = None
         self._batches: dict[int, LoggedBatch] = {}
         self._done: int | None = None
@@ -182,13 +201,15 @@ class MemoryMetaLog(MetaLog):
             cur = self._current_lease()
             if cur is not None and cur.holder != holder:
                 return None
-            self._epoch += 1
+            self._epoch = (self._epoch or 0) + 1
             self._lease = Lease(self._epoch, holder)
             self._lease_until = time.monotonic() + ttl_s
             return self._lease
 
     def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
         with self._lock:
+            if self._epoch is None:
+                raise MetadataLostError(_lost("dstream:memory:epoch"))
             cur = self._current_lease()
             if cur == lease or (cur is None and self._epoch == lease.epoch):
                 self._lease = lease
@@ -207,11 +228,31 @@ class MemoryMetaLog(MetaLog):
 
     def bump_epoch(self) -> int:
         with self._lock:
-            self._epoch += 1
+            self._epoch = (self._epoch or 0) + 1
             return self._epoch
 
     def epoch(self) -> int:
-        return self._epoch
+        return self._epoch or 0
+
+    def incarnation(self) -> str | None:
+        return self._incarnation
+
+    def create_incarnation(self, proposed: str) -> str:
+        with self._lock:
+            if self._incarnation is None:
+                self._incarnation = proposed
+            return self._incarnation
+
+    def wipe(self) -> None:
+        """Lose every key, as ``FLUSHALL`` or a failover to an empty replica does (tests)."""
+        with self._lock:
+            self._epoch = None
+            self._incarnation = None
+            self._first = None
+            self._batches.clear()
+            self._done = None
+            self._ckpt.clear()
+            self._lease = None
 
     def first_batch(self, proposed: int) -> int:
         with self._lock:
@@ -220,6 +261,8 @@ class MemoryMetaLog(MetaLog):
             return self._first
 
     def _fence(self, epoch: int) -> None:
+        if self._epoch is None:
+            raise MetadataLostError(_lost("dstream:memory:epoch"))
         if epoch < self._epoch:
             msg = f"epoch {epoch} is fenced by epoch {self._epoch}"
             raise FencedError(msg)
@@ -257,9 +300,27 @@ class MemoryMetaLog(MetaLog):
         return dict(self._ckpt)
 
 
+def _lost(key: str) -> str:
+    """The one-line message of a fence that found no epoch (Redis lost the app's metadata).
+
+    *key* is the missing key, ``dstream:{app}:epoch``: the message names the app.
+    """
+    app = key.removeprefix("dstream:").rpartition(":")[0] or "?"
+    return (
+        f"METADATA_LOST: {key} is missing: the metadata of app {app} in Redis was lost "
+        "(FLUSHALL, a failover to an empty replica, a wiped volume); stopping rather than "
+        "writing unfenced. Restore Redis from a backup, or run `dstream reset --app-id "
+        f"{app}` to start the app fresh"
+    )
+
+
+# Every fence refuses with METADATA_LOST when the epoch key is missing: a missing epoch
+# never reads as 0 (that would turn fencing off for good after a FLUSHALL).
 # KEYS[1] = epoch key, KEYS[2] = target key; ARGV[1] = caller epoch, then the command
 _FENCED_HSET = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local raw = redis.call('GET', KEYS[1])
+if not raw then return redis.error_reply('METADATA_LOST ' .. KEYS[1] .. ' is missing') end
+local cur = tonumber(raw)
 if tonumber(ARGV[1]) < cur then
   return redis.error_reply('FENCED epoch ' .. ARGV[1] .. ' < ' .. cur)
 end
@@ -267,7 +328,9 @@ redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
 _FENCED_MAX = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local raw = redis.call('GET', KEYS[1])
+if not raw then return redis.error_reply('METADATA_LOST ' .. KEYS[1] .. ' is missing') end
+local cur = tonumber(raw)
 if tonumber(ARGV[1]) < cur then
   return redis.error_reply('FENCED epoch ' .. ARGV[1] .. ' < ' .. cur)
 end
@@ -276,7 +339,9 @@ if tonumber(ARGV[2]) > old then redis.call('SET', KEYS[2], ARGV[2]) end
 return 1
 """
 _FENCED_MAX_HSET = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local raw = redis.call('GET', KEYS[1])
+if not raw then return redis.error_reply('METADATA_LOST ' .. KEYS[1] .. ' is missing') end
+local cur = tonumber(raw)
 if tonumber(ARGV[1]) < cur then
   return redis.error_reply('FENCED epoch ' .. ARGV[1] .. ' < ' .. cur)
 end
@@ -297,6 +362,9 @@ return e
 """
 # KEYS[1] = lease, KEYS[2] = epoch; ARGV[1] = lease value, ARGV[2] = ttl ms, ARGV[3] = epoch
 _RENEW = """
+if not redis.call('GET', KEYS[2]) then
+  return redis.error_reply('METADATA_LOST ' .. KEYS[2] .. ' is missing')
+end
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -312,6 +380,20 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
+
+
+def fence_error(e: Exception) -> Exception:
+    """The error a fence script's refusal stands for, or *e* itself.
+
+    ``METADATA_LOST`` is :class:`MetadataLostError`, ``FENCED`` :class:`FencedError`.
+    """
+    text = str(e)
+    if "METADATA_LOST" in text:
+        words = text.split()
+        return MetadataLostError(_lost(words[1]) if len(words) > 1 else text)
+    if "FENCED" in text:
+        return FencedError(text)
+    return e
 
 
 class RedisMetaLog(MetaLog):
@@ -330,15 +412,16 @@ class RedisMetaLog(MetaLog):
     def key(self, name: str) -> str:
         return self.prefix + name
 
-    def _call(self, script: Any, keys: list[str], args: list[Any]) -> None:
+    def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         import redis
 
         try:
-            script(keys=keys, args=args)
+            return script(keys=keys, args=args)
         except redis.ResponseError as e:
-            if "FENCED" in str(e):
-                raise FencedError(str(e)) from e
-            raise
+            err = fence_error(e)
+            if err is e:
+                raise
+            raise err from e
 
     def acquire_lease(self, holder: str, ttl_s: float) -> Lease | None:
         e = self._acquire(
@@ -347,9 +430,10 @@ class RedisMetaLog(MetaLog):
         return None if e is None else Lease(int(e), holder)
 
     def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
-        ok = self._renew(
-            keys=[self.key("lease"), self.key("epoch")],
-            args=[lease.encode(), int(ttl_s * 1000), lease.epoch],
+        ok = self._call(
+            self._renew,
+            [self.key("lease"), self.key("epoch")],
+            [lease.encode(), int(ttl_s * 1000), lease.epoch],
         )
         return bool(ok)
 
@@ -365,6 +449,17 @@ class RedisMetaLog(MetaLog):
 
     def epoch(self) -> int:
         return int(self.r.get(self.key("epoch")) or 0)
+
+    def incarnation(self) -> str | None:
+        raw = self.r.get(self.key("incarnation"))
+        return None if raw is None else (raw.decode() if isinstance(raw, bytes) else str(raw))
+
+    def create_incarnation(self, proposed: str) -> str:
+        self.r.set(self.key("incarnation"), proposed, nx=True)
+        got = self.incarnation()
+        if got is None:  # deleted between the two calls: the metadata is being lost
+            raise MetadataLostError(_lost(self.key("incarnation")))
+        return got
 
     def first_batch(self, proposed: int) -> int:
         self.r.set(self.key("first"), proposed, nx=True)

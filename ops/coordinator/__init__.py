@@ -24,10 +24,12 @@ import logging
 import signal
 import socket
 import threading
+import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
-from engine.errors import DStreamError, NotLeaderError
+from engine.errors import DStreamError, MetadataLostError, NotLeaderError
 from engine.plan import Plan
 from engine.scheduler import tune_gc
 from ops.config import Settings
@@ -37,6 +39,7 @@ from ops.coordinator.leadership import LeaderElection
 from ops.coordinator.membership import WorkerClient
 from ops.coordinator.status import standby_status
 from ops.http import HttpEndpoints
+from ops.markers import check_markers, find_markers
 from ops.services import (
     build_context,
     redis_client,
@@ -45,6 +48,7 @@ from ops.services import (
     source_layout,
     topic_partitions,
 )
+from ops.topics import ensure_output_topics
 from state.checkpoint import RedisCheckpointStore
 from state.metalog import Lease, MetaLog, RedisMetaLog
 
@@ -54,6 +58,35 @@ log = logging.getLogger("dstream.coordinator")
 APP_FAILED = 3
 #: Exit code of a coordinator that lost the lease to another: restarted, as a standby.
 LOST_LEADERSHIP = 4
+#: Exit code of a coordinator that found the app's Redis metadata lost (or another run's):
+#: restarting does not help; restore Redis or run ``dstream reset`` (docs/operations.md).
+METADATA_LOST = 5
+
+T = TypeVar("T")
+
+
+class _FatalOnLost(DurableWriter):
+    """A :class:`DurableWriter` that reports lost metadata to the coordinator at once.
+
+    The batch clock's and completion's fenced writes all go through it, so the first write
+    after the metadata vanished (within one batch) stops the coordinator.
+    """
+
+    def __init__(
+        self,
+        stopping: threading.Event,
+        on_fenced: Callable[[], None],
+        on_lost: Callable[[str], None],
+    ) -> None:
+        super().__init__(stopping, on_fenced)
+        self.on_lost = on_lost
+
+    def write(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return super().write(what, fn, *args)
+        except MetadataLostError as e:
+            self.on_lost(str(e))
+            raise
 
 
 class Coordinator:
@@ -80,6 +113,7 @@ class Coordinator:
             }
         )
         counts = topic_partitions(settings, topics) if topics else {}
+        ensure_output_topics(settings, self.ssc.nodes, app_id)
         self.layout = source_layout(self.ssc, counts)
         self.plan = Plan(self.ssc.nodes, {k: len(v) for k, v in self.layout.items()})
         self.metalog = metalog or RedisMetaLog(redis_client(settings), app_id)
@@ -100,7 +134,13 @@ class Coordinator:
             on_lead=self._take_over,
             on_leading=self._start_leading,
         )
-        self.durable = DurableWriter(self.stopping, self.election.step_down)
+        self.durable = _FatalOnLost(
+            self.stopping, self.election.step_down, self.election.metadata_lost
+        )
+        #: whether the app reads or writes Kafka (only then can it have commit markers)
+        self.uses_kafka = bool(topics) or any(
+            n.kind == "output" and n.args.get("sink") == "kafka" for n in self.ssc.nodes
+        )
 
     # -- taking the lead -------------------------------------------------------------------
     def _take_over(self, lease: Lease) -> None:
@@ -109,7 +149,21 @@ class Coordinator:
         The graph, the plan and the Kafka partition layout were built at start-up, so a
         standby taking over only reads what the last leader logged; the batches it logged
         but did not finish are replayed by the clock.
+
+        First the start check: the commit markers in Kafka must belong to the incarnation in
+        Redis and be no further than its log; with no metadata in Redis there must be none
+        (else its data was lost: :class:`MetadataLostError`, fatal). A fresh app gets its
+        incarnation id here.
         """
+        incarnation = self.metalog.incarnation()
+        if self.uses_kafka:
+            done = self.metalog.done()
+            logged = [*self.metalog.logged(), *([] if done is None else [done])]
+            markers = find_markers(self.settings, self.app_id)
+            check_markers(self.app_id, incarnation, markers, max(logged, default=None))
+        if incarnation is None:
+            incarnation = self.metalog.create_incarnation(uuid.uuid4().hex)
+            log.info("app %s starts fresh: incarnation %s", self.app_id, incarnation)
         resume = Leader.load(self.metalog, lease.epoch)
         positions = Leader.positions(self.layout, resume, self._first_offsets)
         settings = self.settings
@@ -132,6 +186,7 @@ class Coordinator:
             stopping=self.stopping,
             may_act=self.election.may_act,
             fail_app=self._fail,
+            metadata_lost=self.election.metadata_lost,
             http_port=lambda: self.http.port if getattr(self, "http", None) else None,
         )
 
@@ -177,6 +232,11 @@ class Coordinator:
     @property
     def deposed(self) -> bool:
         return self.election.deposed
+
+    @property
+    def metadata_lost(self) -> str | None:
+        """The one-line error when the app's Redis metadata was found lost, else None."""
+        return self.election.lost
 
     @property
     def refused(self) -> int:
@@ -237,8 +297,9 @@ class Coordinator:
             self.settings.http_port_for("coordinator"),
             live=lambda: not self.stopping.is_set(),
             # readiness never waits for another pod: holding the lease and serving is
-            # enough (a redis blip that puts the lease in doubt does not unroute it)
-            ready=lambda: self.holds_lease() and not self.stopping.is_set(),
+            # enough (a redis blip shorter than the lease does not unroute it; a leader
+            # whose lease lapsed is not ready, so the Service routes to the new one)
+            ready=lambda: self.election.answers() and not self.stopping.is_set(),
             status=self.status,
         ).start()
         log.info(
@@ -269,11 +330,14 @@ class Coordinator:
     # -- rpc -------------------------------------------------------------------------------
     def _handle(self, method: str, params: Any, peer: Any) -> Any:
         """Serve one call: a standby answers status only; the leader its handler table."""
-        if not self.holds_lease():
+        if not self.election.answers():
             if method == "status":
                 return self.status()
-            leader = self.metalog.leader()
-            hint = leader.holder if leader and leader.holder != self.holder else ""
+            hint = ""
+            if not self.holds_lease():  # a standby: Redis says who leads
+                leader = self.metalog.leader()
+                hint = leader.holder if leader and leader.holder != self.holder else ""
+            # else a leader whose lease lapsed (cut off from Redis): who leads is unknown
             raise NotLeaderError(self.holder, hint)
         if method == "status":
             return self.status()
@@ -291,7 +355,11 @@ class Coordinator:
 
 
 def run_coordinator(settings: Settings, app_path: str, app_id: str, expect_workers: int) -> int:
-    """Run a coordinator until SIGTERM/SIGINT, app failure or deposition; the exit code."""
+    """Run a coordinator until SIGTERM/SIGINT, app failure, deposition or lost metadata.
+
+    Returns the exit code: 0 asked to stop, :data:`APP_FAILED`, :data:`LOST_LEADERSHIP`,
+    :data:`METADATA_LOST`.
+    """
     c = Coordinator(settings, app_path, app_id, expect_workers)
     tune_gc()
     done = threading.Event()
@@ -303,9 +371,11 @@ def run_coordinator(settings: Settings, app_path: str, app_id: str, expect_worke
     signal.signal(signal.SIGINT, _stop)
     c.start()
     while not done.wait(0.2):
-        if c.failed is not None or c.deposed:
+        if c.failed is not None or c.deposed or c.metadata_lost is not None:
             break
     c.stop()
+    if c.metadata_lost is not None:
+        return METADATA_LOST
     if c.deposed:
         return LOST_LEADERSHIP
     return APP_FAILED if c.failed is not None else 0

@@ -79,6 +79,7 @@ class BatchClock:
         rate_cap: Callable[[], int | None],
     ) -> None:
         self.interval_s = interval_s
+        metrics.BATCH_INTERVAL.set(interval_s)
         self.expect_workers = expect_workers
         self.next_batch = next_batch
         self.replay = replay
@@ -119,6 +120,8 @@ class BatchClock:
             try:
                 self.seal_batch(int(wake * 1000))
             except Exception:
+                if self.stopping.is_set():
+                    return  # stopping (e.g. the metadata was lost): already said, once
                 log.exception("sealing a batch failed")
 
     def await_workers(self, wait_s: float) -> bool:

@@ -5,11 +5,14 @@ status and the metrics report), tells its listeners (the rate controller) of eac
 completed batch, and moves the durable progress forward: the highest batch done, the
 checkpoints that took effect (a checkpoint counts once its batch is done), and the
 lineage that may be forgotten. Called with the coordinator's lock held; the Redis
-writes it starts run on the I/O pool (:meth:`persist`).
+writes it starts (:meth:`persist`) run after the dead letters of the batches done are
+committed, on the dead-letter committer's ordered thread
+(:mod:`ops.coordinator.dead_letters`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -17,8 +20,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from engine.executor import DeadLetter
 from engine.scheduler import Scheduler
 from ops import metrics
+from ops.coordinator.dead_letters import DeadLetterCommitter, LetterBook
 from ops.coordinator.durable import DurableWriter
 from ops.protocol import Checkpointed
 from state.metalog import MetaLog, OffsetRange
@@ -96,6 +101,11 @@ class Completion:
         #: (time a loss was detected, batch that must complete for recovery to be over)
         self.recovering: tuple[float, int] | None = None
         self.listeners: list[CompletionListener] = []
+        #: dead letters of pending batches (first accepted completion of each task)
+        self.letters = LetterBook()
+        #: commits batches' dead letters, then runs :meth:`persist`, in order; None: no
+        #: dead-letter topic (unit tests), :meth:`persist` runs on the I/O pool
+        self.dead_letters: DeadLetterCommitter | None = None
 
     def started(self, info: BatchInfo) -> None:
         """Batch ``info.batch`` was sealed (or is replayed) and handed to the scheduler."""
@@ -115,6 +125,16 @@ class Completion:
         """Recovery starts (once): it is over when *next_batch* completes."""
         if self.recovering is None:
             self.recovering = (now, next_batch)
+
+    def task_letters(self, b: int, task: str, letters: list[DeadLetter]) -> None:
+        """Task *task* of batch *b* finished for the first time with dead *letters*.
+
+        Kept while *b* is pending; letters of a batch already completed (a lineage
+        recomputation) were committed with it, or will be, and are ignored.
+        """
+        info = self.batches.get(b)
+        if info is not None and letters:
+            self.letters.accepted(b, info.time_ms, task, letters)
 
     def checkpointed(self, msg: Checkpointed) -> None:
         """A worker wrote a checkpoint; it takes effect once its batch is done."""
@@ -148,7 +168,15 @@ class Completion:
             oldest = min(self.scheduler.checkpoints.values(), default=done)
             keep_from = min(oldest, done) - self.max_keep - KEEP_RANGES_BATCHES
             self.prune(keep_from)
-            self.io.submit(self.persist, done, ready, keep_from)
+            if self.dead_letters is None:
+                self.io.submit(self.persist, done, ready, keep_from)
+            else:
+                # batch order: the letters of every batch up to *done* are committed
+                # before *done* is marked (a leader dying in between replays the batches)
+                self.dead_letters.submit(
+                    self.letters.take_upto(done),
+                    functools.partial(self.persist, done, ready, keep_from),
+                )
 
     def persist(self, b: int, ckpts: list[tuple[int, int, int]], keep_from: int) -> None:
         """Persist progress: batches done, checkpoints in force, lineage still needed."""

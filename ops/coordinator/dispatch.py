@@ -20,6 +20,7 @@ from typing import Any
 from engine.dispatch import InstructionHandler, apply
 from engine.errors import RpcError
 from engine.scheduler import (
+    DONE,
     BatchCompleted,
     CancelTask,
     FreeBlocks,
@@ -34,6 +35,7 @@ from ops import protocol as wire
 from ops.coordinator.completion import Completion
 from ops.coordinator.membership import CALL_TIMEOUT_S, Membership, WorkerClient, WorkerInfo
 from ops.coordinator.receivers import ReceiverTracker
+from ops.coordinator.retries import RetryWatch
 
 log = logging.getLogger("dstream.coordinator")
 
@@ -54,6 +56,8 @@ class Dispatcher(InstructionHandler):
         io: runs the calls off the lock.
         lock: the coordinator's lock (held by callers of :meth:`dispatch`).
         may_act: the leader check (a coordinator in doubt grants no commit).
+        retry_alert_s: a task failing for longer than this is reported once at ERROR
+            (``task_retry_alert_seconds``; retries back off in the scheduler).
 
     """
 
@@ -66,6 +70,7 @@ class Dispatcher(InstructionHandler):
         io: Executor,
         lock: threading.RLock,
         may_act: Callable[[str], bool],
+        retry_alert_s: float = 60.0,
     ) -> None:
         self.scheduler = scheduler
         self.membership = membership
@@ -75,6 +80,8 @@ class Dispatcher(InstructionHandler):
         self.lock = lock
         self.may_act = may_act
         self._next_reader = 0
+        #: tasks failing now, reported once when failing longer than the bound
+        self.retries = RetryWatch(retry_alert_s)
 
     # -- instructions (lock held) ----------------------------------------------------------
     def dispatch(self) -> None:
@@ -173,13 +180,22 @@ class Dispatcher(InstructionHandler):
 
     # -- task reports (RPC handlers) -------------------------------------------------------
     def task_done(self, msg: wire.TaskDone) -> bool:
+        """The first accepted completion of a task: its dead letters are kept for its batch."""
         with self.lock:
             before = self.scheduler.stats.speculative_won
+            t = self.scheduler.tasks.get(msg.task) or self.scheduler.lineage.get(msg.task)
+            open_before = t is not None and t.status != DONE
             out = self.scheduler.task_finished(
                 msg.task, msg.attempt, msg.worker, time.monotonic(), msg.size
             )
             if self.scheduler.stats.speculative_won > before:
                 metrics.SPECULATIVE_WON.inc()
+            if t is not None and open_before and t.status == DONE:
+                # accepted (first finisher): before ``out`` may complete the batch
+                self.completion.task_letters(t.spec.batch, msg.task, msg.letters)
+                if self.retries.succeeded(msg.task) is not None:
+                    log.warning("task %s succeeded after failing for a long time", msg.task)
+                    metrics.STUCK_TASKS.set(self.retries.stuck)
             self.apply(out)
             self.dispatch()
         return True
@@ -198,6 +214,12 @@ class Dispatcher(InstructionHandler):
             metrics.TASKS_RETRIED.inc()
             if not msg.missing:
                 log.warning("task %s failed on %s: %s", msg.task, msg.worker, msg.error)
+                sched = self.scheduler
+                self.retries.forget([*sched.tasks, *sched.lineage])
+                stuck = self.retries.failed(msg.task, msg.error, time.monotonic())
+                if stuck is not None:
+                    log.error("%s", stuck)
+                metrics.STUCK_TASKS.set(self.retries.stuck)
             self.dispatch()
         return True
 

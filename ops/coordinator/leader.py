@@ -24,6 +24,7 @@ from ops import protocol as wire
 from ops.config import Settings
 from ops.coordinator.batch_clock import BatchClock
 from ops.coordinator.completion import CheckpointStore, Completion
+from ops.coordinator.dead_letters import DeadLetterCommitter
 from ops.coordinator.dispatch import Dispatcher
 from ops.coordinator.durable import DurableWriter
 from ops.coordinator.membership import Membership, WorkerClient
@@ -51,6 +52,8 @@ class Resume:
     ranges: dict[int, dict[str, OffsetRange]]
     times: dict[int, int]
     checkpoints: dict[tuple[int, int], int]
+    #: the app's incarnation id (the Kafka sink's commit markers carry it)
+    incarnation: str = ""
 
     @property
     def next_batch(self) -> int:
@@ -79,6 +82,8 @@ class Leader:
         connect: the client of a worker, by address, carrying *resume.epoch*.
         may_act: the lease check (:meth:`ops.coordinator.leadership.LeaderElection.may_act`).
         fail_app: called with the error when a user function failed under fail_on_error.
+        metadata_lost: called with the error when a worker found the app's metadata lost
+            (fatal: the coordinator exits, see :class:`engine.errors.MetadataLostError`).
         The others are shared with the coordinator (lock, stop event, I/O pool, Redis).
 
     """
@@ -105,6 +110,7 @@ class Leader:
         may_act: Callable[[str], bool],
         fail_app: Callable[[str], None],
         http_port: Callable[[], int | None] = lambda: None,
+        metadata_lost: Callable[[str], None] | None = None,
     ) -> None:
         s = settings
         self.settings = settings
@@ -115,6 +121,7 @@ class Leader:
         self.stopping = stopping
         self.may_act = may_act
         self.fail_app = fail_app
+        self.metadata_lost = metadata_lost or fail_app
         self.scheduler = Scheduler(
             plan,
             resume.first,
@@ -145,8 +152,23 @@ class Leader:
         self.rate = RateController(s.batch_interval, len(positions), s.max_records_per_partition)
         if s.adaptive_rate:
             self.completion.listeners.append(self.rate)
+        self.completion.dead_letters = DeadLetterCommitter(
+            s,
+            app_id,
+            stopping,
+            may_act,
+            incarnation=resume.incarnation,
+            on_lost=self.metadata_lost,
+        )
         self.dispatcher = Dispatcher(
-            self.scheduler, self.membership, self.receivers, self.completion, io, lock, may_act
+            self.scheduler,
+            self.membership,
+            self.receivers,
+            self.completion,
+            io,
+            lock,
+            may_act,
+            s.task_retry_alert_seconds,
         )
         replay = resume.replay
         self.clock = BatchClock(
@@ -208,6 +230,7 @@ class Leader:
             ranges,
             times,
             metalog.checkpoints(),
+            metalog.incarnation() or "",
         )
 
     @staticmethod
@@ -233,7 +256,11 @@ class Leader:
             self.membership.register(msg, time.monotonic())
             self.receivers.dirty = True
         return wire.RegisterReply(
-            self.resume.epoch, self.resume.first, dict(self.layout), self.interval_ms
+            self.resume.epoch,
+            self.resume.first,
+            dict(self.layout),
+            self.interval_ms,
+            self.resume.incarnation,
         )
 
     def heartbeat(self, msg: wire.Heartbeat) -> wire.HeartbeatAnswer:
@@ -241,10 +268,18 @@ class Leader:
             return self.membership.heartbeat(msg, time.monotonic())
 
     def task_failed(self, msg: wire.TaskFailed) -> bool:
-        """Retry a failed task; a user function failure under fail_on_error fails the app."""
+        """Retry a failed task; a user function failure under fail_on_error fails the app.
+
+        Lost metadata (:attr:`~ops.protocol.FailureKind.METADATA_LOST`) stops the
+        coordinator.
+        """
         if msg.kind is wire.FailureKind.APP_FAILED:
             log.error("app failed: task %s: %s", msg.task, msg.error)
             self.fail_app(msg.error)
+            return True
+        if msg.kind is wire.FailureKind.METADATA_LOST:
+            # not retried: the worker's commit found the metadata gone or another run's
+            self.metadata_lost(f"task {msg.task}: {msg.error}")
             return True
         return self.dispatcher.task_failed(msg)
 
@@ -294,6 +329,8 @@ class Leader:
             workers = list(self.membership.workers.values())
         for w in workers:
             w.client.close()
+        if self.completion.dead_letters is not None:
+            self.completion.dead_letters.close()
 
 
 def status_of(leader: Leader) -> dict[str, Any]:

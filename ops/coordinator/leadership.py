@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from engine.errors import MetadataLostError
 from ops import metrics
 from state.metalog import Lease, MetaLog
 
@@ -71,11 +72,13 @@ class LeaderElection:
         self.deposed = False
         #: actions refused while the lease was in doubt (the fencing counter's share here)
         self.refused = 0
+        #: set (to the one-line error) when the app's metadata in Redis was found lost
+        self.lost: str | None = None
         self.leading = threading.Event()
 
     def holds_lease(self) -> bool:
         """Whether this coordinator took the lease and was not deposed (it may be in doubt)."""
-        return self.lease is not None and not self.deposed
+        return self.lease is not None and not self.deposed and self.lost is None
 
     def leads(self) -> bool:
         """Whether this coordinator may act as the leader right now.
@@ -84,7 +87,28 @@ class LeaderElection:
         can have taken the lease (a process that was paused finds this out on waking,
         before it seals or grants anything).
         """
-        return self.lease is not None and not self.deposed and self.clock() < self.leads_until
+        return (
+            self.lease is not None
+            and not self.deposed
+            and self.lost is None
+            and self.clock() < self.leads_until
+        )
+
+    def answers(self) -> bool:
+        """Whether workers and clients should still be answered as by the leader.
+
+        True while :meth:`leads`, and on through the margin after it: until the lease could
+        have expired in Redis, no other coordinator can have taken it, so a Redis blip
+        shorter than the lease unroutes nothing (acting stays refused by
+        :meth:`may_act`). Past that, a leader cut off from Redis answers ``not leader``
+        and reports not ready, so workers move to a standby that took the lease.
+        """
+        return (
+            self.lease is not None
+            and not self.deposed
+            and self.lost is None
+            and self.clock() < self.leads_until + LEASE_MARGIN_S
+        )
 
     def may_act(self, what: str) -> bool:
         """:meth:`leads`, counting (metric, log) what a coordinator without it refused.
@@ -116,6 +140,7 @@ class LeaderElection:
         warned = False
         while not self.stopping.is_set():
             t0 = self.clock()
+            lease = None
             try:
                 if self.lease is None:
                     lease = self.metalog.acquire_lease(self.holder(), ttl)
@@ -136,6 +161,13 @@ class LeaderElection:
                 if warned:
                     warned = False
                     log.warning("redis reachable again (leader lease)")
+            except MetadataLostError as e:
+                # the start check refused (on_lead), or a renewal found no epoch: fatal
+                self.metadata_lost(str(e))
+                if lease is not None and self.lease is None:  # refused before leading
+                    with contextlib.suppress(Exception):
+                        self.metalog.release_lease(lease)
+                return
             except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
                 if not warned:
                     warned = True
@@ -144,9 +176,23 @@ class LeaderElection:
                 log.exception("leader election failed; retrying")
             self.stopping.wait(ttl / 4 if self.lease is not None else LEASE_RETRY_S)
 
+    def metadata_lost(self, error: str) -> None:
+        """The app's metadata in Redis is gone (or another run's): stop acting, exit.
+
+        Called from any thread that meets :class:`MetadataLostError` (a fence, the start
+        check, a worker's report); logs the one error line once and sets the stop event.
+        Not a step-down: no other coordinator took over, and none could go on safely.
+        """
+        if self.lost is not None:
+            return
+        self.lost = error  # acts no more: leads() and holds_lease() turn false
+        metrics.LEADER.set(0)
+        log.error("%s", error)
+        self.stopping.set()
+
     def step_down(self) -> None:
         """Another coordinator holds the lease: act no more, and stop the process."""
-        if self.deposed:
+        if self.deposed or self.lost is not None:
             return
         self.deposed = True
         metrics.LEADER.set(0)

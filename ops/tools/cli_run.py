@@ -110,6 +110,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if name == "coordinator" and code == 3:  # the app failed (fail_on_error)
                     log.error("the app failed; stopping the fleet")
                     return code
+                if name == "coordinator" and code == 5:  # its Redis metadata was lost
+                    log.error("the app's metadata was lost; stopping the fleet")
+                    return code
                 # a crashed process is replaced, as a Kubernetes controller would: the
                 # fleet recovers its work; only a crash loop stops everything
                 now = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 #: Pause between attempts with ``--wait``: a batch interval or two of a typical app.
@@ -33,6 +34,11 @@ def register(sub: Any) -> None:
     p.add_argument("--output", help="output topic (default: the app's to_kafka topic)")
     p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers")
     p.add_argument(
+        "--dead-letters",
+        help="dead-letter topic to count and check (default: DSTREAM_DEAD_LETTER_TOPIC, "
+        "else {app id}-dead-letters; the app id is DSTREAM_APP_ID or the app file's name)",
+    )
+    p.add_argument(
         "--wait",
         type=float,
         default=0.0,
@@ -55,9 +61,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     settings = settings_from(kafka_bootstrap=args.kafka_bootstrap)
     ssc = build_context(args.app, settings)
     conf = settings.kafka_client_config()
+    app_id = settings.app_id or Path(args.app).stem
+    dlq = args.dead_letters or settings.dead_letter_topic or f"{app_id}-dead-letters"
     deadline = time.monotonic() + max(0.0, args.wait)
     while True:
-        result = verify(ssc, conf, input_topic=args.input, output_topic=args.output)
+        result = verify(
+            ssc,
+            conf,
+            input_topic=args.input,
+            output_topic=args.output,
+            dead_letter_topic=dlq,
+        )
         if result.ok or time.monotonic() + RETRY_PAUSE_S > deadline:
             break
         time.sleep(RETRY_PAUSE_S)

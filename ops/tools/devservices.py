@@ -872,6 +872,11 @@ def down(home: Path | None = None) -> list[str]:
 # --------------------------------------------------------------------------- fixtures API
 
 
+#: The tests' and benchmarks' broker creates no topic on first use, as production brokers
+#: are run: whatever a fleet writes to must exist or be created by it (``ops.topics``).
+TEST_BROKER_PROPERTIES = {"auto.create.topics.enable": "false"}
+
+
 class DevServices:
     """A private Kafka + Redis pair on free ports under *home*, for tests and benchmarks.
 
@@ -895,7 +900,9 @@ class DevServices:
         if self.kafka is None:
             port = free_port()
             controller = next(p for p in iter(free_port, None) if p != port)
-            self.kafka = start_kafka(self.home / "kafka", port, controller)
+            self.kafka = start_kafka(
+                self.home / "kafka", port, controller, extra_properties=TEST_BROKER_PROPERTIES
+            )
         return self.kafka.bootstrap
 
     @property

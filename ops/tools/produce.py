@@ -559,6 +559,7 @@ def ensure_topic(
 
     Idempotent: an existing topic (also one created concurrently) is left as it is, even
     with a different partition count. The replication factor is the broker's default.
+    The runtime's :func:`ops.topics.ensure_topic` does the work (one implementation).
 
     Returns:
         The topic's partition count after the call.
@@ -567,27 +568,18 @@ def ensure_topic(
         ServiceError: the cluster cannot be reached or refuses to create the topic.
 
     """
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.cimpl import NewTopic
+    from ops.topics import TopicError
+    from ops.topics import ensure_topic as create
 
-    admin = _quiet_admin(bootstrap, extra_config)
+    conf = {k: v for k, v in (extra_config or {}).items() if k not in _PRODUCER_ONLY}
+    conf["bootstrap.servers"] = bootstrap
     try:
-        meta = admin.list_topics(timeout=timeout)
-    except KafkaException as e:
-        raise _unreachable(bootstrap, e) from e
-    existing = meta.topics.get(topic)
-    if existing is not None and existing.error is None:
-        return len(existing.partitions)
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions)])
-    try:
-        futures[topic].result(timeout)
-    except KafkaException as e:
-        err = e.args[0] if e.args else None
-        if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
-            msg = f"cannot create topic {topic!r} with {partitions} partitions: {e}"
-            raise ServiceError(msg) from e
-    # Metadata can lag creation by a moment; the count asked for is what was created.
-    return partitions
+        return create(conf, topic, partitions, timeout=timeout)
+    except TopicError as e:
+        if e.unreachable:
+            cause = e.__cause__
+            raise _unreachable(bootstrap, cause if isinstance(cause, Exception) else e) from e
+        raise ServiceError(str(e)) from e
 
 
 _PRODUCER_ONLY = frozenset(

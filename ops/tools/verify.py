@@ -65,7 +65,7 @@ class Difference:
 
     """
 
-    kind: Literal["missing", "extra", "wrong", "duplicate"]
+    kind: Literal["missing", "extra", "wrong", "duplicate", "dead-letter"]
     key: Any
     expected: Any = None
     actual: Any = None
@@ -81,7 +81,35 @@ class Difference:
             return f"extra    key {k}: {_show(self.actual)} is not in the reference{times}"
         if self.kind == "duplicate":
             return f"duplicate key {k}: written {self.count} times in batch {self.batch}"
+        if self.kind == "dead-letter":
+            return f"dead letter {k}: {self.actual}"
         return f"wrong    key {k}: expected {_show(self.expected)}, got {_show(self.actual)}"
+
+
+@dataclass(frozen=True)
+class DeadLetterReport:
+    """What the dead-letter topic holds (read_committed).
+
+    Attributes:
+        topic: the dead-letter topic read.
+        total: dead letters in it.
+        by_reason: per reason (``decode``, ``user``, ``encode``).
+        from_input: letters of records of the checked input topic (decode and user ones).
+        decode: decode letters of the checked input topic.
+        encode: encode letters of the checked output topic.
+
+    """
+
+    topic: str
+    total: int
+    by_reason: dict[str, int]
+    from_input: int
+    decode: int
+    encode: int
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.by_reason.items()))
+        return f"{self.total} dead letters in {self.topic}" + (f" ({reasons})" if reasons else "")
 
 
 @dataclass(frozen=True)
@@ -96,6 +124,7 @@ class VerifyResult:
     output_messages: int
     keys: int
     differences: list[Difference] = field(default_factory=list)
+    dead: DeadLetterReport | None = None
 
     @property
     def ok(self) -> bool:
@@ -105,10 +134,12 @@ class VerifyResult:
         verdict = "OK" if self.ok else f"{len(self.differences)} difference(s)"
         skipped = f" ({self.skipped_records} undecodable, skipped)" if self.skipped_records else ""
         what = "keys (last value each)" if self.mode == "changelog" else "distinct records"
+        dead = f"; {self.dead.summary()}" if self.dead is not None else ""
         return (
             f"verify {verdict}: {self.output_messages} committed messages in "
             f"{self.output_topic} against the reference over {self.input_records} records of "
             f"{self.input_topic}{skipped}; {self.keys} {what} compared ({self.mode} mode)"
+            f"{dead}"
         )
 
 
@@ -277,11 +308,28 @@ def _unpack(v: bytes) -> Any:
 
 
 # -- comparing -----------------------------------------------------------------------------
-def reference_records(ssc: StreamingContext, plan: OutputPlan, records: list[Any]) -> list[Any]:
-    """The output records of the reference run over *records* as one batch."""
+def reference_records(
+    ssc: StreamingContext, plan: OutputPlan, records: list[Any]
+) -> tuple[list[Any], int | None]:
+    """The reference run over *records* as one batch: its output records and user letters.
+
+    The second item counts the records a user function raised on, as the fleet
+    dead-letters them; None when a ``transform`` raised (it dead-letters a whole batch, so
+    the count depends on how the fleet cut the input into batches).
+    """
     runner = ReferenceRunner(ssc, inputs={plan.source.id: [records]})
-    runner.run(1)
-    return [r for _b, batch in runner.outputs[plan.output.id] for r in batch]
+    try:
+        runner.run(1)
+    except Exception as e:
+        msg = (
+            f"the reference cannot evaluate the app: {type(e).__name__}: {e} (a reduce, "
+            "window or state function raised; verify checks only apps whose functions "
+            "raise record by record)"
+        )
+        raise ConfigError(msg) from e
+    out = [r for _b, batch in runner.outputs[plan.output.id] for r in batch]
+    by_record = all(not op.startswith("transform") for _, op, _, _ in runner.dead_letters)
+    return out, len(runner.dead_letters) if by_record else None
 
 
 def _decoder(fmt: str) -> Callable[[bytes | None], Any]:
@@ -386,17 +434,70 @@ def compare_records(
     return diffs, len(set(want) | set(got))
 
 
+def _one_to_one(plan: OutputPlan) -> bool:
+    """Whether each input record gives exactly one output record (map chains only)."""
+    n = plan.output.parents[0]
+    while n is not plan.source:
+        if n.kind not in ("map", "map_values", "repartition") or len(n.parents) != 1:
+            return False
+        n = n.parents[0]
+    return True
+
+
+def check_dead_letters(
+    messages: list[Any], input_topic: str, output_topic: str
+) -> tuple[DeadLetterReport, list[Difference]]:
+    """Count the dead letters, and report any source record dead-lettered twice."""
+    by_reason: Counter[str] = Counter()
+    seen: Counter[tuple[str, int, int, str]] = Counter()
+    from_input = decode = encode = 0
+    for m in messages:
+        h = {k: v.decode(errors="replace") for k, v in (m.headers() or [])}
+        op = h.get("dstream-operator", "")
+        reason = (
+            "decode" if op.endswith(".decode") else "encode" if op.endswith(".encode") else "user"
+        )
+        by_reason[reason] += 1
+        topic = h.get("dstream-source-topic", "")
+        offset = int(h.get("dstream-source-offset", "-1"))
+        if reason == "encode":
+            encode += topic == output_topic
+            continue
+        if topic == input_topic:
+            from_input += 1
+            decode += reason == "decode"
+        if offset >= 0:
+            seen[(topic, int(h.get("dstream-source-partition", "-1")), offset, op)] += 1
+    diffs = [
+        Difference(
+            "dead-letter",
+            key,
+            actual=f"dead-lettered {n} times (exactly once expected)",
+            count=n,
+        )
+        for key, n in sorted(seen.items())
+        if n > 1
+    ]
+    report = DeadLetterReport("", len(messages), dict(by_reason), from_input, decode, encode)
+    return report, diffs
+
+
 def verify(
     ssc: StreamingContext,
     kafka_conf: dict[str, Any],
     *,
     input_topic: str | None = None,
     output_topic: str | None = None,
+    dead_letter_topic: str | None = None,
 ) -> VerifyResult:
     """Read both topics and compare the output with the reference (see the module doc).
 
     *input_topic* and *output_topic* default to the app's own ``kafka_stream`` topic (when
-    it reads one) and ``to_kafka`` topic.
+    it reads one) and ``to_kafka`` topic. With *dead_letter_topic* (when it exists) the
+    dead letters are counted and checked too: no source record dead-lettered twice, as
+    many decode letters as undecodable input records, and - when each input record gives
+    exactly one output record (a chain of ``map``) - records in = records out +
+    dead-lettered.
     """
     plan = plan_for(ssc, output_topic)
     if input_topic is None:
@@ -409,9 +510,76 @@ def verify(
     records, skipped = decode_input(plan.source, read_topic(kafka_conf, input_topic))
     messages = read_topic(kafka_conf, output_topic)
     fmt = plan.output.args["format"]
-    expected = [encode_output(r, fmt) for r in reference_records(ssc, plan, records)]
+    expected = []
+    ref_out, user_letters = reference_records(ssc, plan, records)
+    for r in ref_out:
+        try:
+            expected.append(encode_output(r, fmt))
+        except (TypeError, ValueError, OverflowError):
+            continue  # the fleet dead-letters it (an encode dead letter)
     compare = compare_changelog if plan.mode == "changelog" else compare_records
     diffs, keys = compare(expected, messages, fmt)
+    dead = None
+    if dead_letter_topic:
+        try:
+            letters = read_topic(kafka_conf, dead_letter_topic)
+        except ConfigError:
+            letters = None  # no dead-letter topic: nothing was dead-lettered
+        if letters is not None:
+            found, dups = check_dead_letters(letters, input_topic, output_topic)
+            dead = DeadLetterReport(
+                dead_letter_topic,
+                found.total,
+                found.by_reason,
+                found.from_input,
+                found.decode,
+                found.encode,
+            )
+            diffs += dups
+            if found.decode != skipped:
+                diffs.append(
+                    Difference(
+                        "dead-letter",
+                        "decode",
+                        expected=skipped,
+                        actual=f"{found.decode} decode letters for {skipped} undecodable records",
+                    )
+                )
+            found_user = found.by_reason.get("user", 0)
+            if user_letters is not None and found_user != user_letters:
+                diffs.append(
+                    Difference(
+                        "dead-letter",
+                        "user",
+                        expected=user_letters,
+                        actual=(
+                            f"{found_user} user-function letters; the reference dead-letters "
+                            f"{user_letters} records"
+                        ),
+                    )
+                )
+            total_in = len(records) + skipped
+            accounted = len(messages) + found.from_input + found.encode
+            if plan.mode == "records" and _one_to_one(plan) and total_in != accounted:
+                diffs.append(
+                    Difference(
+                        "dead-letter",
+                        "accounting",
+                        expected=total_in,
+                        actual=(
+                            f"records in {total_in} != records out {len(messages)} + "
+                            f"dead-lettered {found.from_input + found.encode}"
+                        ),
+                    )
+                )
     return VerifyResult(
-        plan.mode, input_topic, output_topic, len(records), skipped, len(messages), keys, diffs
+        plan.mode,
+        input_topic,
+        output_topic,
+        len(records),
+        skipped,
+        len(messages),
+        keys,
+        diffs,
+        dead,
     )

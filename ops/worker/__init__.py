@@ -31,7 +31,8 @@ from ops.rpc import RpcClient
 from ops.services import build_context, redis_client, rpc_client, rpc_server
 from ops.sinks import FleetSinks
 from ops.worker.membership import WorkerMembership
-from ops.worker.task_runner import FETCH_TIMEOUT_S, TaskRunner
+from ops.worker.peers import PeerHealth
+from ops.worker.task_runner import TaskRunner
 from state.blockstore import BlockStore
 from state.checkpoint import RedisCheckpointStore
 from state.metalog import OffsetRange
@@ -69,6 +70,8 @@ class Worker:
         self.coordinator = LeaderClient(settings)
         self.peers: dict[str, RpcClient] = {}
         self.peer_ids: list[str] = []
+        #: peers that missed a deadline lately (tried last when replicating or fetching)
+        self.peer_health = PeerHealth(settings.heartbeat_timeout)
         self.plan: Plan | None = None
         self.queue_parts: dict[int, int] = {}  # queue source node -> assigned
         self.id = ""
@@ -84,7 +87,14 @@ class Worker:
             http_port=lambda: self.http.port,
             on_joined=self._joined,
         )
-        self.sinks = FleetSinks(settings, app_id, epoch_fn=lambda: self.epoch)
+        #: the app's incarnation id, from the leader's registration reply (commit markers)
+        self.app_incarnation = ""
+        self.sinks = FleetSinks(
+            settings,
+            app_id,
+            epoch_fn=lambda: self.epoch,
+            incarnation_fn=lambda: self.app_incarnation,
+        )
         self.tasks = TaskRunner(
             settings,
             self.store,
@@ -95,6 +105,7 @@ class Worker:
             worker_id=lambda: self.id,
             leased=self.membership.leased,
             stopping=self.stopping,
+            peer_health=self.peer_health,
         )
         #: the method -> handler table (calls from the coordinator and from peers)
         self.handlers: wire.Handlers = {
@@ -127,6 +138,7 @@ class Worker:
 
     def _joined(self, reply: wire.RegisterReply) -> None:
         """Registered: build the plan and the executor once (the graph never changes)."""
+        self.app_incarnation = reply.incarnation
         if self.plan is None:
             self.plan = Plan(self.ssc.nodes, {k: len(v) for k, v in reply.layout.items()})
             self.tasks.configure(
@@ -216,11 +228,52 @@ class Worker:
         return True
 
     def _replicate_to(self, msg: wire.ReplicateTo) -> int:
+        """Copy a block to the peer the coordinator names (a second holder after a loss).
+
+        Raises:
+            RpcError: the target did not acknowledge within the peer deadline; the
+                coordinator sees the failure and the block keeps the holders it has.
+
+        """
         data = self.store.get_bytes(msg.block)
-        self._peer(msg.target).call(
-            "replicate", wire.Replicate(msg.block, data).to_wire(), timeout=FETCH_TIMEOUT_S
-        )
+        try:
+            self._peer(msg.target).call(
+                "replicate",
+                wire.Replicate(msg.block, data).to_wire(),
+                timeout=self.settings.peer_deadline_s,
+            )
+        except RpcError:
+            self.peer_health.missed(msg.target)
+            raise
+        self.peer_health.answered(msg.target)
         return len(data)
+
+    def _replicate_block(self, bid: str, data: bytes, failed: set[str]) -> list[str]:
+        """Copy a sealed block to one peer; the peers that acknowledged it (0 or 1).
+
+        The peer the coordinator assigned is tried first unless it missed a deadline
+        lately (:class:`ops.worker.peers.PeerHealth`); each call waits at most
+        ``Settings.peer_deadline_s``, then the next peer is tried. A peer that failed
+        during this seal (*failed*, updated here) is not tried again in it, so a paused
+        peer costs a seal one deadline at most. With no peer acknowledging, the block
+        stays with this worker alone and the report says so: a lost block is re-read from
+        Kafka by its logged offset range.
+        """
+        for peer in self.peer_health.order(self.peer_ids, skip=failed):
+            try:
+                self._peer(peer).call(
+                    "replicate",
+                    wire.Replicate(bid, data).to_wire(),
+                    timeout=self.settings.peer_deadline_s,
+                )
+            except RpcError as e:
+                failed.add(peer)
+                self.peer_health.missed(peer)
+                log.warning("replicating %s to %s failed (trying the next peer): %s", bid, peer, e)
+                continue
+            self.peer_health.answered(peer)
+            return [peer]
+        return []
 
     def _free(self, msg: wire.Free) -> int:
         self.store.free(msg.blocks)
@@ -260,7 +313,11 @@ class Worker:
         return True
 
     def _seal(self, msg: wire.Seal) -> list[wire.BlockReport]:
-        """Seal batch *msg.batch*'s blocks, replicate each to a peer, then report them."""
+        """Seal batch *msg.batch*'s blocks, replicate each to a peer, then report them.
+
+        Replication waits on no peer longer than ``Settings.peer_deadline_s``, and on a
+        paused peer once per seal (see :meth:`_replicate_block`).
+        """
         if msg.max_records is not None:
             self.receivers.max_records = msg.max_records
         b = msg.batch
@@ -274,17 +331,10 @@ class Worker:
             blocks.append(
                 (input_block_id(node, b, index), OffsetRange("", 0, b, b + 1, count), data)
             )
+        failed: set[str] = set()
         for bid, rng, data in blocks:
             self.store.put(bid, data, replace=True)
-            holders = [self.id]
-            for peer in self.peer_ids[:1]:
-                try:
-                    self._peer(peer).call(
-                        "replicate", wire.Replicate(bid, data).to_wire(), timeout=FETCH_TIMEOUT_S
-                    )
-                    holders.append(peer)
-                except RpcError as e:
-                    log.warning("replicating %s to %s failed: %s", bid, peer, e)
+            holders = [self.id, *self._replicate_block(bid, data, failed)]
             if rng.topic:
                 metrics.INPUT_RECORDS.labels(topic=rng.topic, partition=str(rng.partition)).inc(
                     rng.records

@@ -19,7 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.codec import CodecError, input_block_range, pack, unpack
-from engine.errors import DStreamError, FencedError, RpcError, UserFunctionError
+from engine.errors import (
+    DStreamError,
+    FencedError,
+    MetadataLostError,
+    NotLeaderError,
+    RpcError,
+    UserFunctionError,
+)
 from engine.executor import BlockMissing, Executor, StateBlock
 from engine.plan import Plan, TaskSpec, block_batch, block_node, block_part
 from engine.scheduler import CHECKPOINT
@@ -27,18 +34,18 @@ from ops import faults, metrics
 from ops import protocol as wire
 from ops.config import Settings
 from ops.leader_client import LeaderClient
-from ops.rpc import RemoteError, RpcClient
-from ops.sinks import FleetSinks
+from ops.rpc import RemoteError, RpcClient, RpcTimeout
+from ops.sinks import DEFAULT_MAX_MESSAGE_BYTES, FleetSinks, bound_letter, encode_records
+from ops.worker.peers import PeerHealth
 from state.blockstore import BlockStore
 from state.checkpoint import RedisCheckpointStore
 
 log = logging.getLogger("dstream.worker")
 
-#: How long a fetch from a peer may take before trying the next holder (a 64 MiB block
-#: at loopback speeds takes well under a second).
-FETCH_TIMEOUT_S = 20.0
 #: Back-off between commit-right polls while earlier batches of the partition commit.
 COMMIT_WAIT_S = 0.005
+#: Back-off between commit-right polls while no coordinator answers as the leader.
+NOT_LEADER_WAIT_S = 0.1
 
 
 class TaskRunner:
@@ -50,10 +57,11 @@ class TaskRunner:
         coordinator: the client of the leading coordinator (reports, commit rights).
         peer: the client of a peer worker, by address (fetches).
         checkpoints: where state partitions are checkpointed and read back.
-        sinks: the output sinks (commits, dead letters).
+        sinks: the output sinks (commits).
         worker_id: this worker's address, once it serves.
         leased: whether tasks of an incarnation may still commit (the membership's).
         stopping: set when the worker stops (failures are then not reported).
+        peer_health: peers that missed a deadline lately (fetches try them last).
 
     Nothing runs until :meth:`configure` gave it the plan (at registration).
 
@@ -70,6 +78,7 @@ class TaskRunner:
         worker_id: Callable[[], str],
         leased: Callable[[int], bool],
         stopping: threading.Event,
+        peer_health: PeerHealth | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -80,6 +89,7 @@ class TaskRunner:
         self.worker_id = worker_id
         self.leased = leased
         self.stopping = stopping
+        self.peer_health = peer_health or PeerHealth(settings.heartbeat_timeout)
         self.pool = ThreadPoolExecutor(settings.task_slots, thread_name_prefix="task")
         #: one thread: checkpoints are written in order, off the task path
         self.ckpt_pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
@@ -88,6 +98,12 @@ class TaskRunner:
         self.executor: Executor | None = None
         self.stateful: set[int] = set()
         self.slow = faults.slow_factor()
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The producer's ``message.max.bytes``: a bigger output record is dead-lettered."""
+        got = self.settings.kafka_config.get("message.max.bytes")
+        return int(got) if got else DEFAULT_MAX_MESSAGE_BYTES
 
     def configure(self, plan: Plan, executor: Executor) -> None:
         """Called once, at the first registration: the compiled graph and its executor."""
@@ -128,6 +144,7 @@ class TaskRunner:
             done = wire.Checkpointed(spec.node, spec.part, spec.batch, nbytes, dt)
             self.coordinator.call("checkpointed", done.to_wire(), timeout=30)
         except Exception as e:  # a failed checkpoint only lengthens lineage
+            metrics.CHECKPOINT_FAILURES.inc()
             log.warning("checkpoint of %s failed: %s", spec.id, e)
 
     def fetcher(self, locations: dict[str, list[str]], ranges: dict[str, Any] | None = None) -> Any:
@@ -138,6 +155,12 @@ class TaskRunner:
         before a coordinator restart) is stale. A stale local copy is dropped, a stale remote
         one skipped; with no good copy the task fails naming every holder that had none, and
         the coordinator re-reads the block from Kafka.
+
+        Each peer gets ``Settings.peer_deadline_s`` to answer; holders that missed a
+        deadline lately are tried last. A holder that misses it is named among those
+        without the block: the coordinator then rebuilds it (recompute or re-read), which
+        is always correct, rather than sending the task back to a paused peer until the
+        peer is declared lost.
         """
         plan = self.plan
         assert plan is not None
@@ -160,8 +183,9 @@ class TaskRunner:
                     return data
                 log.warning("dropping a stale copy of %s (not the logged offset range)", bid)
                 self.store.free([bid])
-            for addr in locations.get(bid, []):
-                if addr == self.worker_id():
+            me = self.worker_id()
+            for addr in self.peer_health.order(locations.get(bid, [])):
+                if addr == me:
                     continue
                 if addr == CHECKPOINT:
                     node = block_node(bid)
@@ -171,14 +195,23 @@ class TaskRunner:
                     return pack(items)
                 try:
                     data = self.peer(addr).call(
-                        "fetch", wire.Fetch(bid, bucket).to_wire(), timeout=FETCH_TIMEOUT_S
+                        "fetch",
+                        wire.Fetch(bid, bucket).to_wire(),
+                        timeout=self.settings.peer_deadline_s,
                     )
                 except RemoteError:
                     gone.append(addr)
                     continue
+                except RpcTimeout as e:
+                    self.peer_health.missed(addr)
+                    log.info("fetch of %s from %s missed its deadline: %s", bid, addr, e)
+                    gone.append(addr)
+                    continue
                 except RpcError as e:
+                    self.peer_health.missed(addr)
                     log.info("fetch of %s from %s failed: %s", bid, addr, e)
                     continue
+                self.peer_health.answered(addr)
                 if not fresh(bid, data):
                     log.warning("%s holds a stale copy of %s; skipping it", addr, bid)
                     gone.append(addr)
@@ -209,16 +242,28 @@ class TaskRunner:
             if (spec.id, attempt) in self.cancelled:
                 return
             size = 0
+            letters = list(res.dead_letters)
             if spec.kind == "output":
-                if not self._commit(spec, attempt, time_ms, res.records, incarnation):
+                assert self.plan is not None
+                records, unencodable = encode_records(
+                    self.plan.by_id[spec.node],
+                    spec,
+                    res.records,
+                    self.max_message_bytes,
+                    fail=self.settings.fail_on_error,
+                )
+                letters += unencodable
+                if not self._commit(spec, attempt, time_ms, records, incarnation):
                     return
             else:
                 size = self.store.put(spec.id, res.block)
                 every = self.settings.checkpoint_every_batches
                 if spec.node in self.stateful and (spec.batch + 1) % every == 0:
                     self.ckpt_pool.submit(self._checkpoint, spec, res.block)
-            if res.dead_letters:
-                self.sinks.dead_letters(res.dead_letters)
+            # the coordinator commits the letters of the task's first accepted attempt
+            # (once per batch, transactionally); bounded so none can be refused by Kafka
+            bound = self.settings.dead_letter_max_bytes
+            letters = [bound_letter(d, bound) for d in letters]
             dt = time.monotonic() - t0
             metrics.TASK_DURATION.labels(stage=spec.stage.split(":")[0]).observe(dt)
             done = wire.TaskDone(
@@ -227,8 +272,9 @@ class TaskRunner:
                 self.worker_id(),
                 size,
                 res.input_records,
-                len(res.dead_letters),
+                len(letters),
                 dt,
+                letters,
             )
             self.coordinator.call("task_done", done.to_wire(), timeout=30)
         except BlockMissing as e:
@@ -238,6 +284,9 @@ class TaskRunner:
         except FencedError as e:  # another attempt or worker owns the output: retry is safe
             log.warning("task %s attempt %d fenced: %s", spec.id, attempt, e)
             self._report_failure(spec, attempt, f"fenced: {e}", wire.FailureKind.FENCED)
+        except MetadataLostError as e:  # Redis lost the app's metadata: fatal, not retried
+            log.error("task %s attempt %d: %s", spec.id, attempt, e)
+            self._report_failure(spec, attempt, str(e), wire.FailureKind.METADATA_LOST)
         except DStreamError as e:  # an expected failure (a sink or dependency): one line
             if not self.stopping.is_set():
                 log.warning("task %s attempt %d failed: %s", spec.id, attempt, e)
@@ -261,9 +310,16 @@ class TaskRunner:
             if (spec.id, attempt) in self.cancelled or not self.leased(incarnation):
                 return False
             ask = wire.RequestCommit(spec.id, attempt, self.worker_id())
-            answer = wire.CommitAnswer(
-                self.coordinator.call("request_commit", ask.to_wire(), timeout=30)
-            )
+            try:
+                answer = wire.CommitAnswer(
+                    self.coordinator.call("request_commit", ask.to_wire(), timeout=30)
+                )
+            except NotLeaderError:
+                # the leader's lease lapsed (or it was replaced): wait while this worker is
+                # still leased; past that the attempt is abandoned (the next leader, or this
+                # one once it leads again and declares this worker lost, reruns it)
+                time.sleep(NOT_LEADER_WAIT_S)
+                continue
             if answer is wire.CommitAnswer.GRANTED:
                 break
             if answer is wire.CommitAnswer.DENIED:

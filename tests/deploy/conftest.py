@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from ops.tools.produce import ensure_topic
 from tests.deploy import infra
 from tests.deploy.kube import Cluster, load_manifests, random_name
 from tests.deploy.kubelet import Pod
@@ -237,8 +236,8 @@ def install(
     """Render the chart for this test's Kafka, Redis, app and image; install it; yield.
 
     The input topic is created (with :data:`PARTITIONS` partitions and a first 1,000
-    records) and the output topic (one partition) before the install, as a user's topics
-    exist before the app is deployed. Other
+    records) before the install, as a user's input exists before the app is deployed;
+    the coordinator creates the output topic. Other
     *topics* than the app's defaults reach both roles as ``PAGEVIEWS_TOPIC`` and
     ``PAGEVIEWS_OUTPUT`` (the chart's ``coordinator.extraEnv`` and ``worker.extraEnv``).
     Returns once every worker and at least one coordinator are ready (a standby is not).
@@ -252,10 +251,6 @@ def install(
         "--partitions", str(PARTITIONS), "--bootstrap", kafka, "--seed", "1", "--no-progress",
     )  # fmt: skip
     assert first.returncode == 0, first.stdout + first.stderr
-    # The output topic exists before the app, as on a cluster without topic auto-creation.
-    # (Left to auto-creation, a first batch with no output stalls the app for good: the
-    # Kafka sink's offset marker is committed to a topic that does not exist yet.)
-    ensure_topic(kafka, topics[1], 1)
     repo, _, tag = image.rpartition(":")
     all_sets = {
         "kafka.bootstrap": kafka,

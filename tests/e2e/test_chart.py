@@ -51,7 +51,7 @@ NAMESPACE = "streams"
 #: Oldest and newest Kubernetes versions whose schemas the manifests must satisfy.
 K8S_VERSIONS = ("1.29.0", "1.37.0")
 #: Custom resources: no schema in kubernetes-validate; their fields are checked by assertion.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
 #: ``DSTREAM_*`` variables that are not settings, and the file that reads each.
 NON_SETTING_VARS = {
@@ -793,6 +793,28 @@ def test_service_monitor_off_by_default_on_in_its_ci_file(helm: str) -> None:
     assert components == {"coordinator", "worker"}
     for s in selected:
         assert "http" in {p["name"] for p in s["spec"]["ports"]}
+
+
+def test_prometheus_rule_off_by_default_on_in_its_ci_file(helm: str) -> None:
+    """The PrometheusRule ships files/alerts.yaml as is (what promtool checks and tests in
+    tests/unit/ops/test_alert_rules.py); only the runbook links get the configured prefix."""
+    assert _of_kind(_render(helm, None), "PrometheusRule") == []
+    assert _of_kind(_render(helm, _ci("servicemonitor")), "PrometheusRule") == []
+    shipped = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    (plain,) = _of_kind(_render(helm, None, "prometheusRule.enabled=true"), "PrometheusRule")
+    assert plain["spec"] == shipped
+    (pr,) = _of_kind(_render(helm, _ci("alerts")), "PrometheusRule")
+    assert pr["apiVersion"] == "monitoring.coreos.com/v1"
+    assert pr["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    rules = [r for g in pr["spec"]["groups"] for r in g["rules"]]
+    want = [r for g in shipped["groups"] for r in g["rules"]]
+    assert len(rules) == len(want) >= 9
+    base = "https://git.example.com/dstream-fleet/blob/main/docs/operations.md#"
+    for got, rule in zip(rules, want, strict=True):
+        assert got["annotations"]["runbook_url"] == base + got["alert"].lower()
+        assert {k: v for k, v in got.items() if k != "annotations"} == {
+            k: v for k, v in rule.items() if k != "annotations"
+        }
 
 
 def test_standby_coordinator(helm: str) -> None:

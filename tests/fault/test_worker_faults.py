@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -74,23 +75,111 @@ def test_kill_coordinator(scenario, tmp_path):
     assert res["status"]["epoch"] >= 2
 
 
+class _Lateness:
+    """When each batch is first seen complete in ``/api/status``, polled every 50 ms.
+
+    A batch's lateness is that moment minus its batch time (``time_ms``, when the clock
+    cut it): what a reader of the output waits for it. Unlike the ``total_delay`` of the
+    status (counted from the end of the seal) it includes a batch clock stalled by a
+    seal that waits on a worker. Also notes when the fleet first shrank (a worker lost).
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.seen: dict[int, tuple[int, float]] = {}
+        self.shrank_at: float | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        workers = None
+        while not self.stop.wait(0.05):
+            try:
+                st = status(self.port)
+            except OSError:
+                continue
+            now = time.time()
+            for r in st.get("batches", []):
+                self.seen.setdefault(r["batch"], (r["time_ms"], now))
+            n = len(st.get("workers", []))
+            if workers is not None and n < workers and self.shrank_at is None:
+                self.shrank_at = now
+            workers = n
+
+    def __enter__(self) -> _Lateness:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def late(self, start_ms: int, end_ms: int) -> list[float]:
+        """Lateness (s) of the batches cut in ``[start_ms, end_ms)``."""
+        return [seen - t / 1000 for t, seen in self.seen.values() if start_ms <= t < end_ms]
+
+
 def test_paused_worker_commits_nothing(scenario, tmp_path):
-    paused: list[int] = []
+    """A SIGSTOPped worker is declared lost and rejoins; the others barely notice.
+
+    Until the coordinator declares the worker lost (the heartbeat timeout) its seal and
+    its tasks hold batches back; beyond that, the paused worker costs the others at most
+    about one batch interval: replication and fetches give a peer a short deadline
+    (``Settings.peer_deadline_s``) and then fall back to another peer or holder. Before
+    they did, a healthy worker's seal waited on replicating to the paused peer for the
+    whole pause (up to the coordinator's 10 s seal timeout).
+    """
+    interval = 0.3
+    measured: dict[str, float] = {}
 
     def fault(fleet: Fleet, port: int) -> None:
         pid = role_pids(fleet, "worker")[0]
-        os.kill(pid, signal.SIGSTOP)
-        paused.append(pid)
-        # past its lease: the coordinator declares it lost and moves its work
-        wait_for(lambda: len(status(port)["workers"]) == 2, 30, "the pause to be noticed")
-        time.sleep(1.0)
-        os.kill(pid, signal.SIGCONT)
+        with _Lateness(port) as lateness:
+            time.sleep(2.0)  # the baseline: batches before the pause
+            stopped = time.time()
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                # past its lease: the coordinator declares it lost and moves its work
+                wait_for(lambda: len(status(port)["workers"]) == 2, 30, "the pause to be noticed")
+                time.sleep(3.0)  # long enough for a stalled seal to show
+            finally:
+                resumed = time.time()
+                os.kill(pid, signal.SIGCONT)
+            wait_for(
+                lambda: any(t >= resumed * 1000 for t, _ in lateness.seen.values()),
+                60,
+                "the batches of the pause to complete",
+                every=0.1,
+            )
+        stopped_ms, resumed_ms = int(stopped * 1000), int(resumed * 1000)
+        before = sorted(lateness.late(stopped_ms - 2000, stopped_ms))
+        during = lateness.late(stopped_ms, resumed_ms)
+        assert before, lateness.seen
+        assert during, lateness.seen
+        assert lateness.shrank_at is not None
+        measured.update(
+            base=before[len(before) // 2],
+            worst=max(during),
+            n=len(during),
+            pause=resumed - stopped,
+            detect=lateness.shrank_at - stopped,
+        )
 
-    res = scenario(
-        fault=fault,
+    res = scenario(fault=fault, env={"DSTREAM_BATCH_INTERVAL": str(interval)})
+    m = measured
+    extra = m["worst"] - m["base"]
+    beyond = extra - m["detect"]
+    print(
+        f"\npaused worker: {m['n']:.0f} batches cut during a {m['pause']:.2f} s pause, declared "
+        f"lost after {m['detect']:.2f} s; a batch completed {m['base']:.3f} s after its time "
+        f"before the pause, {m['worst']:.3f} s at worst during it: {extra:.3f} s extra, "
+        f"{beyond:.3f} s beyond the loss detection (batch interval {interval} s)"
     )
     assert (
         "is unknown to the coordinator (declared lost, or a new coordinator); rejoining"
         in res["log"]
     )
     assert len(res["status"]["workers"]) == 3  # it rejoined cleanly
+    # beyond the time it takes to declare the worker lost, at most about one batch
+    # interval of extra delay (plus a margin for a loaded machine)
+    assert beyond <= interval + 0.5, m

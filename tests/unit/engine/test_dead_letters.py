@@ -17,6 +17,7 @@ from engine import StreamingContext
 from engine.codec import encode_input_block
 from engine.errors import UserFunctionError
 from engine.local import LocalRunner
+from engine.reference import ReferenceRunner
 from engine.sinks import LocalSinks
 from engine.testing import assert_batches_equal, run_pipeline, run_reference
 
@@ -319,3 +320,36 @@ def test_msgpack_input_that_is_not_msgpack() -> None:
     assert_batches_equal(out, [[{"a": 1}, [1, 2]]])
     (d,) = runner.sinks.dead
     assert (d.topic, d.partition, d.offset, d.value) == ("events", 0, 8, b"\xc1")
+
+
+def _reference_letters(batches: list[list[Any]], func: Any) -> tuple[list[list[Any]], list[Any]]:
+    """Outputs and ``(operator, record)`` dead letters of the plain-Python reference."""
+    ssc = StreamingContext(1.0, num_partitions=1)
+    func(ssc.queue_stream(batches)).foreach_batch(lambda t, recs: None)
+    ref = ReferenceRunner(ssc)
+    ref.run(len(batches))
+    ((_, outputs),) = ref.outputs.items()
+    return [recs for _, recs in outputs], [(op, rec) for _, op, _, rec in ref.dead_letters]
+
+
+@pytest.mark.parametrize(
+    "func",
+    [
+        lambda s: s.map(_inverse),
+        lambda s: s.filter(lambda x: 1 / x > 0.1).flat_map(lambda x: [x] * (5 // (x - 2))),
+        lambda s: s.map(lambda x: (x % 2, x)).map_values(_inverse).reduce_by_key(operator.add),
+        lambda s: s.map(lambda x: (x, x)).flat_map_values(lambda v: [1 / v] * 2),
+        lambda s: s.transform(lambda rs: sorted(rs) if len(rs) < 3 else 1 / 0),
+    ],
+)
+def test_the_reference_dead_letters_what_the_executor_does(func: Any) -> None:
+    """``dstream verify`` compares with the reference: a raising function must not stop it."""
+    sinks = LocalSinks()
+    got = run_pipeline(BATCHES, func, sinks=sinks, num_partitions=2)
+    expected, letters = _reference_letters(BATCHES, func)
+    assert_batches_equal(got, expected)
+    assert letters, "the case must dead-letter something"
+    fleet = sorted((d.operator, json.dumps(json.loads(d.value))) for d in sinks.dead)
+    assert fleet == sorted(
+        (op, json.dumps(rec if not isinstance(rec, tuple) else list(rec))) for op, rec in letters
+    )

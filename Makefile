@@ -1,9 +1,12 @@
-# dstream-fleet: the same checks everywhere (.ci/run calls `make lint` and `make test`).
-#   make setup   venv + editable install (only when pyproject.toml changed), Redis, Java,
-#                Maven, the Kafka jars (cached in ~/.cache/dstream-fleet) and helm
+# dstream-fleet: the same checks everywhere (.ci/run calls `make lint`, `make test` and
+# `make deploy-test`).
+#   make setup   what the demo needs: venv + editable install (only when pyproject.toml
+#                changed), Redis, Java, Maven and the Kafka jars (cached in ~/.cache/dstream-fleet)
+#   make test-setup   setup, plus the test and bench extras, chromium, prometheus, iproute2,
+#                iptables and helm (what the suite needs)
 #   make lint    ruff check, ruff format --check, mypy (strict)
 #   make test    the whole pytest suite (starts its own Kafka and Redis on free ports)
-#   make demo    dev services up, then the demo pipeline
+#   make demo    dev services up, then the demo pipeline (installs only what it needs)
 #   make bench   dev services up, then every benchmark
 #   make up / make down   start / stop the local dev Kafka and Redis
 #   make deploy-test   the chart's pods as podman containers from the real image (tests/deploy;
@@ -15,81 +18,70 @@ VENV := .venv
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+TEST_STAMP := $(VENV)/.installed-test-stamp
+APT := bash ops/tools/devkit/apt_missing.sh
 
-.PHONY: setup venv system-deps kafka-libs helm lint test deploy-deps deploy-test demo bench up down clean
+.PHONY: setup test-setup venv test-venv service-deps test-deps kafka-libs helm lint test \
+	deploy-deps deploy-test demo bench up down clean
 
-setup: venv system-deps kafka-libs helm
+setup: venv service-deps kafka-libs
+
+test-setup: setup test-venv test-deps helm
 
 venv: $(STAMP)
+
+test-venv: $(TEST_STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# reinstall only when pyproject.toml is newer than the last install
+# reinstall only when pyproject.toml is newer than the last install; the runtime alone for
+# the demo, with the test and bench extras for the suite
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e .
 	touch $@
 
-# Debian packages: installed only when missing, and only as root (else a clear error);
-# chromium (headless) is for the status-page test in tests/e2e; iproute2 and iptables for
-# the network-partition tests in tests/fault/test_partitions.py (namespaces, DROP rules)
-system-deps:
-	@missing=""; \
-	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
-	command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing="$$missing iproute2"; \
-	command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || missing="$$missing iptables"; \
-	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
-	command -v mvn >/dev/null || missing="$$missing maven"; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" != 0 ]; then \
-	    echo "missing:$$missing; install them: sudo apt-get install -y$$missing" >&2; exit 1; \
-	  fi; \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+$(TEST_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@ $(STAMP)
 
-kafka-libs: venv system-deps
+# Debian packages, installed only when missing and only as root (else a clear error):
+# the dev services' (Redis; Java and Maven for Kafka) ...
+service-deps:
+	@$(APT) redis-server:redis-server java:openjdk-17-jre-headless mvn:maven
+
+# ... and the suite's: chromium (headless) for the status-page test in tests/e2e,
+# prometheus (with promtool) for the alert rules and the dashboard check, iproute2 and
+# iptables for the network-partition tests (namespaces, DROP rules)
+test-deps:
+	@$(APT) chromium:chromium prometheus:prometheus ip:iproute2 iptables:iptables
+
+kafka-libs: venv service-deps
 	@$(VENV)/bin/dstream dev ensure
 
 helm:
 	@if [ -f ops/tools/devkit/install_helm.sh ]; then bash ops/tools/devkit/install_helm.sh; fi
 
-lint: venv
+lint: test-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy engine state ops ingest
 
-test: setup
+test: test-setup
 	$(VENV)/bin/pytest -q
 
-# The deployment test's Debian packages (installed only when missing, as system-deps does):
+# The deployment test's Debian packages (installed only when missing, as above):
 # podman with runc (crun refuses this machine's cgroup layout), debootstrap for the base
 # image, netavark (+ aardvark-dns, podman's default DNS) and iptables for its bridge.
 deploy-deps:
-	@missing=""; \
-	command -v podman >/dev/null || missing="$$missing podman"; \
-	command -v runc >/dev/null || missing="$$missing runc"; \
-	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
-	command -v iptables >/dev/null || missing="$$missing iptables"; \
-	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
-	[ -x /usr/lib/podman/netavark ] || missing="$$missing netavark"; \
-	[ -x /usr/lib/podman/aardvark-dns ] || missing="$$missing aardvark-dns"; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" != 0 ]; then \
-	    echo "missing:$$missing; install them: sudo apt-get install -y$$missing" >&2; exit 1; \
-	  fi; \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
-	fi
+	@$(APT) podman:podman runc:runc debootstrap:debootstrap iptables:iptables \
+		nsenter:util-linux /usr/lib/podman/netavark:netavark \
+		/usr/lib/podman/aardvark-dns:aardvark-dns
 
 # Builds the image (base from Debian packages, cached in ~/.cache/dstream-fleet), renders the
 # chart, runs its pods with podman and checks exact output through each scenario.
-deploy-test: setup deploy-deps
+deploy-test: test-setup deploy-deps
 	$(VENV)/bin/pytest -q tests/deploy
 
 up: setup
@@ -101,7 +93,7 @@ down:
 demo: up
 	$(PY) -m ops.tools.demo
 
-bench: up
+bench: up test-venv
 	$(PY) -m bench.run_all
 
 clean:

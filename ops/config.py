@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     num_partitions: int = 4
     checkpoint_every: int = 0  # batches; 0 means "about every 10 s of batches"
     secret: SecretStr = SecretStr("")
+    #: require the shared secret (``Authorization: Bearer <secret>``) on the coordinator's
+    #: HTTP status (``/api/status``); probes and ``/metrics`` stay open
+    http_auth: bool = False
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""

@@ -6,13 +6,22 @@
   leading coordinator; a coordinator serves RPC and holds the leader lease: a standby is
   alive but not ready), else 503;
 * ``/api/status``: the coordinator's status as JSON (batches, workers, receivers);
-* ``/``: the coordinator's live status page (``ops/static/status.html``).
+* ``/``: the coordinator's live status page (``ops/static/status.html``; the page holds no
+  data, it reads ``/api/status``).
+
+Reads are open by default, as the Spark and Flink UIs are (the chart's NetworkPolicy
+limits who reaches the port). With a *token* (``DSTREAM_HTTP_AUTH=true``: the shared
+secret), ``/api/status`` answers 401 unless the request carries ``Authorization: Bearer
+<token>``; the status page sends the token it finds in its URL fragment
+(``/#token=...``, never sent to the server in the URL). ``/metrics``, ``/livez`` and
+``/readyz`` stay open for Prometheus and the kubelet.
 
 A small threaded ``http.server``: these endpoints are read a few times a second at most.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
@@ -34,6 +43,7 @@ class HttpEndpoints:
         live: returns True while the process is healthy.
         ready: returns True once the process can serve.
         status: returns the status dict (coordinator only; None elsewhere).
+        token: when set, ``/api/status`` requires it as a bearer token.
 
     """
 
@@ -45,8 +55,10 @@ class HttpEndpoints:
         live: Callable[[], bool],
         ready: Callable[[], bool],
         status: Callable[[], dict[str, Any]] | None = None,
+        token: str | None = None,
     ) -> None:
         endpoints = self
+        self._token = f"Bearer {token}".encode() if token else None
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt: str, *args: Any) -> None:
@@ -89,6 +101,12 @@ class HttpEndpoints:
             ok = self._ready()
             self._send(h, 200 if ok else 503, b"ready\n" if ok else b"not ready\n")
         elif path == "/api/status" and self._status is not None:
+            if not self._authorized(h):
+                h.send_response(401)
+                h.send_header("WWW-Authenticate", 'Bearer realm="dstream"')
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return
             body = json.dumps(self._status(), default=str).encode()
             self._send(h, 200, body, "application/json")
         elif path in ("/", "/index.html") and self._status is not None:
@@ -96,6 +114,12 @@ class HttpEndpoints:
             self._send(h, 200, page.read_bytes(), "text/html; charset=utf-8")
         else:
             self._send(h, 404, b"not found\n")
+
+    def _authorized(self, h: BaseHTTPRequestHandler) -> bool:
+        if self._token is None:
+            return True
+        got = (h.headers.get("Authorization") or "").encode()
+        return hmac.compare_digest(got, self._token)
 
     @staticmethod
     def _send(

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from engine.errors import DStreamError, MetadataLostError, NotLeaderError
+from engine.errors import ConfigError, DStreamError, MetadataLostError, NotLeaderError
 from engine.plan import Plan
 from engine.scheduler import tune_gc
 from ops.config import Settings
@@ -290,6 +290,7 @@ class Coordinator:
         Ready (``/readyz``) only while leading: a standby is alive but not ready, so a
         Service routes workers and clients to the leader alone.
         """
+        token = self._http_token()  # a bad setting fails before anything listens
         self.server.start()
         _ = self.holder
         self.http = HttpEndpoints(
@@ -301,6 +302,7 @@ class Coordinator:
             # whose lease lapsed is not ready, so the Service routes to the new one)
             ready=lambda: self.election.answers() and not self.stopping.is_set(),
             status=self.status,
+            token=token,
         ).start()
         log.info(
             "coordinator %s up on %s:%d (app %s); waiting for the lease",
@@ -309,6 +311,16 @@ class Coordinator:
             self.app_id,
         )
         threading.Thread(target=self.election.run, name="election", daemon=True).start()
+
+    def _http_token(self) -> str | None:
+        """The bearer token ``/api/status`` requires (``DSTREAM_HTTP_AUTH``), or None."""
+        if not self.settings.http_auth:
+            return None
+        secret = self.settings.secret.get_secret_value()
+        if not secret:
+            msg = "DSTREAM_HTTP_AUTH=true needs the shared secret: set DSTREAM_SECRET"
+            raise ConfigError(msg)
+        return secret
 
     def stop(self) -> None:
         """Stop scheduling and serving, and hand the lease over. The workers keep running.

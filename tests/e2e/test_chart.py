@@ -1,6 +1,6 @@
 """The Helm chart: lint, render with every ci values file, validate against Kubernetes schemas.
 
-helm is built by ``make setup`` (``ops/tools/devkit/install_helm.sh``); it is found through
+helm is built by ``make test-setup`` (``ops/tools/devkit/install_helm.sh``); it is found through
 ``$DSTREAM_HELM``, the build's cache dir, then ``PATH``. Without it these tests FAIL: the
 chart is part of the product and must not silently go untested.
 
@@ -88,7 +88,7 @@ def helm() -> str:
         pytest.fail(f"DSTREAM_HELM={path} is not an executable helm binary", pytrace=False)
     if path is None:
         pytest.fail(
-            "helm not found: run `make setup` (or `bash ops/tools/devkit/install_helm.sh`), "
+            "helm not found: run `make test-setup` (or `bash ops/tools/devkit/install_helm.sh`), "
             "or point DSTREAM_HELM at a helm v3 binary",
             pytrace=False,
         )

@@ -1,6 +1,6 @@
 """The coordinator's status page in headless Chromium, during a real page-view fleet run.
 
-Chromium is Debian's ``chromium`` (``make setup`` installs it). The test fails, it does not
+Chromium is Debian's ``chromium`` (``make test-setup`` installs it). The test fails, it does not
 skip, when it is missing: the status page is part of what ``make test`` vouches for.
 
 The screenshot goes to ``test-output/status-page.png`` (gitignored). With
@@ -51,7 +51,7 @@ def _chromium() -> str:
     found = shutil.which("chromium") or next((p for p in CHROMIUM_PATHS if Path(p).is_file()), None)
     if found is None:
         pytest.fail(
-            "chromium is not installed: run `make setup` (it installs Debian's chromium "
+            "chromium is not installed: run `make test-setup` (it installs Debian's chromium "
             "as root) or `apt-get install chromium`"
         )
     return found

@@ -70,7 +70,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None,
-    reason="prometheus not found: install Debian's `prometheus` package (`make setup` does)",
+    reason="prometheus not found: install Debian's `prometheus` package (`make test-setup` does)",
 )
 
 

@@ -6,7 +6,7 @@ it), so what promtool checks here is exactly what the chart ships. The promtool 
 are in ``tests/unit/ops/alerts/alerts_test.yaml``: per alert, a fleet that makes it fire and
 one that must stay silent.
 
-promtool comes with Debian's ``prometheus`` package (``make setup`` installs it); without it
+promtool comes with Debian's ``prometheus`` package (``make test-setup`` installs it); without it
 these tests are skipped, saying so.
 """
 
@@ -42,7 +42,7 @@ EXPECTED_ALERTS = {
 
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None,
-    reason="promtool not found: install Debian's `prometheus` package (`make setup` does)",
+    reason="promtool not found: install Debian's `prometheus` package (`make test-setup` does)",
 )
 
 

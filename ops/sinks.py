@@ -284,6 +284,55 @@ return 1
 """
 
 
+def transactional_clients(settings: Settings, tid: str, group: str, where: str) -> tuple[Any, Any]:
+    """A transactional producer (``init_transactions`` done) and its marker consumer.
+
+    The producer's ``init_transactions`` fences any earlier producer of *tid* and resolves
+    its open transaction; the consumer of *group* reads the marker (the committed offset
+    the transactions advance). Used by the Kafka sink and the dead-letter committer.
+
+    Raises:
+        FencedError | DStreamError: starting the producer failed (*where* names it).
+
+    """
+    from confluent_kafka import Consumer, KafkaException, Producer
+
+    producer = Producer(
+        settings.kafka_client_config(
+            **{
+                "transactional.id": tid,
+                "transaction.timeout.ms": TXN_TIMEOUT_MS,
+                "linger.ms": 5,
+                "enable.idempotence": True,
+            }
+        )
+    )
+    try:
+        bounded_call(
+            "init_transactions",
+            producer.init_transactions,
+            KAFKA_CALL_TIMEOUT_S,
+            timeout=KAFKA_CALL_TIMEOUT_S,
+        )
+    except KafkaException as e:
+        what = f"{where}: starting the transactional producer"
+        raise _kafka_error(what, e) from e
+    marker = Consumer(
+        settings.kafka_client_config(
+            **{
+                "group.id": group,
+                "enable.auto.commit": False,
+                # the marker is read after init_transactions resolved any earlier
+                # transaction of this id, and a commit of this very producer is known
+                # locally (its offset may not be readable yet right after the commit): do
+                # not ask for "stable" offsets (after a broker restart that wait can time out)
+                "isolation.level": "read_uncommitted",
+            }
+        )
+    )
+    return producer, marker
+
+
 class FleetSinks(SinkEnv):
     """Kafka, Redis and engine-side sinks of one worker process."""
 
@@ -302,6 +351,11 @@ class FleetSinks(SinkEnv):
         self._incarnation_fn = incarnation_fn or (lambda: "")
         self._lock = threading.Lock()
         self._producers: dict[tuple[int, int], tuple[Any, Any]] = {}
+        #: the last batch this process committed per (incarnation, node, partition): right
+        #: after a commit the marker's new offset may not be readable yet (the broker
+        #: writes the transaction's markers after it answers), so a retry of the same
+        #: batch here must not trust a stale marker
+        self._committed_here: dict[tuple[str, int, int], int] = {}
         self._redis: Any = None
         self._redis_script: Any = None
         self.committed_batches = 0
@@ -310,46 +364,14 @@ class FleetSinks(SinkEnv):
 
     # -- kafka -----------------------------------------------------------------------------
     def _producer(self, node: Node, part: int) -> tuple[Any, Any]:
-        from confluent_kafka import Consumer, KafkaException, Producer
-
         key = (node.id, part)
         with self._lock:
             got = self._producers.get(key)
             if got is not None:
                 return got
         tid = f"{self.app_id}-{node.id}-{part}"
-        producer = Producer(
-            self.settings.kafka_client_config(
-                **{
-                    "transactional.id": tid,
-                    "transaction.timeout.ms": TXN_TIMEOUT_MS,
-                    "linger.ms": 5,
-                    "enable.idempotence": True,
-                }
-            )
-        )
-        try:
-            bounded_call(
-                "init_transactions",
-                producer.init_transactions,
-                KAFKA_CALL_TIMEOUT_S,
-                timeout=KAFKA_CALL_TIMEOUT_S,
-            )
-        except KafkaException as e:
-            where = f"{node.name} partition {part}: starting the transactional producer"
-            raise _kafka_error(where, e) from e
-        marker = Consumer(
-            self.settings.kafka_client_config(
-                **{
-                    "group.id": f"{tid}-commits",
-                    "enable.auto.commit": False,
-                    # the marker is read only after init_transactions resolved any earlier
-                    # transaction of this id, so no commit can be pending: do not ask for
-                    # "stable" offsets (after a broker restart that wait can time out)
-                    "isolation.level": "read_uncommitted",
-                }
-            )
-        )
+        where = f"{node.name} partition {part}"
+        producer, marker = transactional_clients(self.settings, tid, f"{tid}-commits", where)
         with self._lock:
             self._producers[key] = (producer, marker)
         return producer, marker
@@ -381,7 +403,10 @@ class FleetSinks(SinkEnv):
                     f"--app-id {self.app_id}` to start the app fresh"
                 )
                 raise MetadataLostError(msg)
-            if done is not None and done > spec.batch:
+            here = (incarnation, node.id, spec.part)
+            if (done is not None and done > spec.batch) or self._committed_here.get(
+                here, -1
+            ) >= spec.batch:
                 self.skipped_batches += 1
                 return  # this batch (or a later one) is already in Kafka
             producer.begin_transaction()
@@ -421,6 +446,8 @@ class FleetSinks(SinkEnv):
                 KAFKA_CALL_TIMEOUT_S,
                 timeout=KAFKA_CALL_TIMEOUT_S,
             )
+            with self._lock:
+                self._committed_here[here] = max(self._committed_here.get(here, -1), spec.batch)
             faults.crash_point("after_kafka_commit")
             self.committed_batches += 1
             self._kafka_state(ok=True)

@@ -35,13 +35,13 @@ from ops import metrics
 from ops.config import Settings
 from ops.sinks import (
     KAFKA_CALL_TIMEOUT_S,
-    TXN_TIMEOUT_MS,
     FleetSinks,
     KafkaCallHung,
     _kafka_error,
     bounded_call,
     dead_letter_reason,
     letter_headers,
+    transactional_clients,
 )
 
 log = logging.getLogger("dstream.coordinator")
@@ -197,40 +197,10 @@ class DeadLetterCommitter:
         return False
 
     def _client(self) -> tuple[Any, Any]:
-        from confluent_kafka import Consumer, KafkaException, Producer
-
         if self._producer is not None:
             return self._producer, self._marker
-        producer = Producer(
-            self.settings.kafka_client_config(
-                **{
-                    "transactional.id": self.transactional_id,
-                    "transaction.timeout.ms": TXN_TIMEOUT_MS,
-                    "linger.ms": 5,
-                    "enable.idempotence": True,
-                }
-            )
-        )
-        try:
-            bounded_call(
-                "init_transactions",
-                producer.init_transactions,
-                KAFKA_CALL_TIMEOUT_S,
-                timeout=KAFKA_CALL_TIMEOUT_S,
-            )
-        except KafkaException as e:
-            where = "dead letters: starting the transactional producer"
-            raise _kafka_error(where, e) from e
-        marker = Consumer(
-            self.settings.kafka_client_config(
-                **{
-                    "group.id": self.group,
-                    "enable.auto.commit": False,
-                    # read after init_transactions resolved any earlier transaction of the
-                    # id: no commit of ours can be pending (as the Kafka sink's marker)
-                    "isolation.level": "read_uncommitted",
-                }
-            )
+        producer, marker = transactional_clients(
+            self.settings, self.transactional_id, self.group, "dead letters"
         )
         self._producer, self._marker = producer, marker
         self._written = None

@@ -180,7 +180,9 @@ class DStream:
     # -- windows -------------------------------------------------------------------------
     def _window_args(self, op: str, window: Duration, slide: Duration | None) -> dict[str, int]:
         iv = self._ssc.batch_interval
-        window_s = to_seconds(window, f"{op}: window")
+        # "window: slide: ..." for window(), "reduce_by_key_and_window: window: ..." elsewhere
+        prefix = "" if op == "window" else f"{op}: "
+        window_s = to_seconds(window, f"{prefix}window")
         slide_s = iv if slide is None else to_seconds(slide, f"{op}: slide")
         w = _as_batches(window_s, iv, "window", op)
         s = _as_batches(slide_s, iv, "slide", op)

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from engine.errors import ConfigError, DStreamError
@@ -19,21 +20,96 @@ from engine.errors import ConfigError, DStreamError
 log = logging.getLogger("dstream.run")
 
 
-def add_common_args(p: argparse.ArgumentParser, app_positional: bool = False) -> None:
-    if app_positional:
-        p.add_argument("app", help="the app file (defines build(ssc))")
-    else:
-        p.add_argument("--app", required=True, help="the app file (defines build(ssc))")
+#: The ``--log-level`` choices (and ``DSTREAM_LOG_LEVEL``'s), case-insensitive.
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def duration_arg(flag: str, *, positive: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for a duration flag, in seconds.
+
+    Reads ``"500ms"``, ``"1s"``, ``"2m"``, ``"1h"`` or a number of seconds
+    (:func:`engine.durations.to_seconds`); at least 0, or above 0 when *positive*.
+    """
+    from engine.durations import DurationError, to_seconds
+    from ops.config import DURATION_TEXT_FORMS
+
+    def parse(text: str) -> float:
+        try:
+            value = to_seconds(text, flag)
+        except DurationError:
+            msg = f"cannot read {text!r} as a duration; use {DURATION_TEXT_FORMS}"
+            raise argparse.ArgumentTypeError(msg) from None
+        if value < 0 or (positive and value == 0):
+            msg = f"must be {'positive' if positive else 'at least 0'}, got {text}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
+
+
+def add_settings_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the settings every role shares (each overrides its ``DSTREAM_*``)."""
     p.add_argument("--app-id", help="app identity: prefixes Redis keys and transactional ids")
-    p.add_argument("--batch-interval", type=float, help="seconds per batch (default 1.0)")
+    p.add_argument(
+        "--batch-interval",
+        help='time per batch: "500ms", "1s", "2m" or seconds (default 1s)',
+    )
     p.add_argument("--num-partitions", type=int, help="partitions of keyed operators")
     p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers")
     p.add_argument("--redis-url", help="Redis URL (redis:// or rediss://)")
     p.add_argument("--checkpoint-every", type=int, help="batches between state checkpoints")
-    p.add_argument("--log-level", default=os.environ.get("DSTREAM_LOG_LEVEL", "INFO"))
     p.add_argument("--tls-cert", help="RPC TLS certificate (PEM); with --tls-key and --tls-ca")
     p.add_argument("--tls-key", help="RPC TLS private key (PEM)")
     p.add_argument("--tls-ca", help="CA bundle that RPC peers' certificates must chain to")
+
+
+def add_common_args(p: argparse.ArgumentParser, app_positional: bool = False) -> None:
+    """``--app`` (required; with *app_positional* also ``APP``), the settings, the log level."""
+    if app_positional:
+        p.add_argument(
+            "app_file", nargs="?", metavar="APP", help="the app file (or --app; defines build)"
+        )
+        p.add_argument("--app", help="the app file (defines build(ssc))")
+    else:
+        p.add_argument("--app", required=True, help="the app file (defines build(ssc))")
+    add_settings_args(p)
+    p.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="debug, info, warning or error (default: DSTREAM_LOG_LEVEL, else info)",
+    )
+
+
+def app_of(args: argparse.Namespace) -> str:
+    """The app file of a command that takes it as ``APP`` or ``--app``.
+
+    A usage error (exit 2) if neither or two different ones are given.
+    """
+    given: set[str] = {a for a in (getattr(args, "app_file", None), args.app) if a}
+    if len(given) != 1:
+        problem = "two app files given" if given else "the app file is required"
+        args._parser.error(f"{problem}: give it as APP or --app APP")
+    return given.pop()
+
+
+def log_level(args: argparse.Namespace) -> str:
+    """The log level: ``--log-level``, else ``DSTREAM_LOG_LEVEL``, else ``info``.
+
+    Raises:
+        ConfigError: ``DSTREAM_LOG_LEVEL`` is not one of :data:`LOG_LEVELS`.
+
+    """
+    given = getattr(args, "log_level", None)
+    if given:
+        return str(given)
+    env = os.environ.get("DSTREAM_LOG_LEVEL", "").strip()
+    if not env:
+        return "info"
+    if env.lower() not in LOG_LEVELS:
+        msg = f"log level (DSTREAM_LOG_LEVEL): must be one of {', '.join(LOG_LEVELS)}, got {env!r}"
+        raise ConfigError(msg)
+    return env.lower()
 
 
 def add_listen_args(p: argparse.ArgumentParser, role: str) -> None:
@@ -80,10 +156,24 @@ def register(sub: Any) -> None:
     )
     p.set_defaults(func=cmd_reset)
 
+    p = sub.add_parser(
+        "settings",
+        help="print the settings the flags and DSTREAM_* variables make (secrets hidden)",
+        description=(
+            "Validate the settings from the flags over the DSTREAM_* environment, as a "
+            "coordinator or worker would at start, and print them as JSON with secrets "
+            "hidden; durations are shown in seconds. Exit 2 on an invalid value."
+        ),
+    )
+    add_settings_args(p)
+    p.add_argument("--coordinator", help="coordinator address(es) host:port[,host:port]")
+    p.set_defaults(func=cmd_settings)
+
 
 def setup_logging(level: str) -> None:
+    """Log to stderr at *level* (one of :data:`LOG_LEVELS`; see :func:`log_level`)."""
     logging.basicConfig(
-        level=getattr(logging, str(level).upper(), logging.INFO),
+        level=getattr(logging, level.upper()),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
@@ -124,7 +214,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from ops.coordinator import run_coordinator
     from ops.services import app_id_for
 
-    setup_logging(args.log_level)
+    setup_logging(log_level(args))
     settings = role_settings(args)
     require_secret(settings)
     log.info("settings: %s", settings.redacted())
@@ -135,7 +225,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from ops.services import app_id_for
     from ops.worker import run_worker
 
-    setup_logging(args.log_level)
+    setup_logging(log_level(args))
     settings = role_settings(args, coordinator=args.coordinator)
     require_secret(settings)
     code = run_worker(settings, args.app, app_id_for(args.app, settings))
@@ -185,4 +275,13 @@ def cmd_reset(args: argparse.Namespace) -> int:
         f"reset app {app_id}: deleted {len(keys)} Redis keys and {len(groups)} Kafka commit "
         f"marker groups{': ' + ', '.join(groups) if groups else ''}; its next start is fresh"
     )
+    return 0
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    """``dstream settings``: print the validated settings, secrets redacted."""
+    import json
+
+    settings = role_settings(args, coordinator=args.coordinator)
+    print(json.dumps(settings.redacted(), indent=2, sort_keys=True))
     return 0

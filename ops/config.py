@@ -8,13 +8,17 @@ printing the settings never shows them.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.durations import DurationError, to_seconds
 from engine.errors import ConfigError
 
 #: Kafka client keys whose values are secret (librdkafka names).
@@ -34,6 +38,44 @@ WORKER_HTTP_PORT = 8081
 PEER_DEADLINE_FRACTION = 0.5
 PEER_DEADLINE_MIN_S = 0.1
 PEER_DEADLINE_MAX_S = 1.0
+#: Settings in seconds that also take a duration text (``"500ms"``, ``"1s"``, ``"2m"``, ``"1h"``)
+DURATION_FIELDS = (
+    "batch_interval",
+    "lease_seconds",
+    "heartbeat_interval",
+    "peer_deadline",
+    "redis_wait_timeout",
+    "task_retry_alert_seconds",
+    "startup_timeout",
+)
+#: What a duration flag or ``DSTREAM_*`` variable accepts, as error messages say it.
+DURATION_TEXT_FORMS = '"500ms", "1s", "2m", "1h" or a number of seconds'
+#: ``DSTREAM_*`` variables read outside :class:`Settings` (so never reported as unknown):
+#: the log level (``dstream`` commands), fault injection (:mod:`ops.faults`), the dev
+#: services' home (:mod:`ops.tools.devservices`), the devkit's image and helm scripts
+#: (``ops/tools/devkit/``) and the tests' switches (``tests/e2e``, ``tests/deploy``).
+ENV_OUTSIDE_SETTINGS = frozenset(
+    {
+        "DSTREAM_LOG_LEVEL",
+        "DSTREAM_FAULT_CRASH",
+        "DSTREAM_FAULT_SLOW",
+        "DSTREAM_FAULT_DIR",
+        "DSTREAM_DEV_HOME",
+        "DSTREAM_DEBIAN_MIRROR",
+        "DSTREAM_BASE_IMAGE",
+        "DSTREAM_HELM",
+        "DSTREAM_HELM_VERSION",
+        "DSTREAM_UPDATE_SCREENSHOTS",
+        "DSTREAM_DEPLOY_VALUES",
+        "DSTREAM_DEPLOY_SET",
+    }
+)
+#: The variables Kubernetes sets for each Service of the namespace (``<SERVICE>_SERVICE_HOST``,
+#: ``<SERVICE>_PORT_7070_TCP_ADDR``...): a release named ``dstream-fleet`` gets variables
+#: that start with ``DSTREAM_`` (its coordinator's ``..._SERVICE_HOST``), no misspellings.
+_SERVICE_LINK = re.compile(
+    r".+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)"
+)
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z+]+://)(?P<user>[^:@/]*):(?P<pw>[^@/]+)@")
 
 
@@ -108,12 +150,32 @@ class Settings(BaseSettings):
     #: HTTP port (probes, /metrics, status); None: the role's default
     #: (:data:`COORDINATOR_HTTP_PORT` or :data:`WORKER_HTTP_PORT`); 0: any free port
     http_port: int | None = None
+    #: how long (s) a coordinator, a worker or ``dstream run`` waits at start for Kafka and
+    #: Redis to answer, retrying with backoff (:mod:`ops.startup`), before it exits with
+    #: one line naming the address: 60 s stays inside the chart's liveness allowance
+    #: (about 65 s), so the process says why it stops before a probe kills it
+    startup_timeout: float = Field(default=60.0, gt=0, le=3600)
+
+    @field_validator(*DURATION_FIELDS, mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        """A duration setting: ``"500ms"``, ``"1s"``, ``"2m"``, ``"1h"`` or seconds."""
+        if isinstance(v, str | int | float | timedelta):
+            try:
+                return to_seconds(v)
+            except DurationError:
+                msg = f"cannot read {v!r} as a duration; use {DURATION_TEXT_FORMS}"
+                raise ValueError(msg) from None
+        return v
 
     @field_validator("batch_interval")
     @classmethod
     def _positive_interval(cls, v: float) -> float:
+        if v <= 0:
+            msg = f"must be positive, got {v:g}"
+            raise ValueError(msg)
         if not 0.01 <= v <= 3600:
-            msg = f"batch interval must be between 0.01 s and 3600 s, got {v}"
+            msg = f"must be between 10ms and 1h (3600 s), got {v:g} s"
             raise ValueError(msg)
         return v
 
@@ -129,7 +191,7 @@ class Settings(BaseSettings):
     @classmethod
     def _topic_partitions(cls, v: int) -> int:
         if v < 1:
-            msg = f"output_topic_partitions must be at least 1, got {v}"
+            msg = f"must be at least 1, got {v}"
             raise ValueError(msg)
         return v
 
@@ -137,7 +199,7 @@ class Settings(BaseSettings):
     @classmethod
     def _topic_replication(cls, v: int) -> int:
         if v == 0 or v < -1:
-            msg = f"output_topic_replication must be -1 (broker default) or at least 1, got {v}"
+            msg = f"must be -1 (the broker's default) or at least 1, got {v}"
             raise ValueError(msg)
         return v
 
@@ -145,7 +207,7 @@ class Settings(BaseSettings):
     @classmethod
     def _wait_timeout(cls, v: float) -> float:
         if not 0 <= v <= 4:  # below the Redis clients' 5 s socket timeout
-            msg = f"redis_wait_timeout must be between 0 and 4 s, got {v}"
+            msg = f"must be between 0 and 4 s, got {v:g} s"
             raise ValueError(msg)
         return v
 
@@ -169,7 +231,7 @@ class Settings(BaseSettings):
     @classmethod
     def _lease(cls, v: float) -> float:
         if not 1.0 <= v <= 300:
-            msg = f"lease_seconds must be between 1 and 300, got {v}"
+            msg = f"must be between 1 s and 300 s, got {v:g} s"
             raise ValueError(msg)
         return v
 
@@ -204,7 +266,7 @@ class Settings(BaseSettings):
             try:
                 v = json.loads(v) if v.strip() else {}
             except json.JSONDecodeError as e:
-                msg = f"DSTREAM_KAFKA_CONFIG must be a JSON object of librdkafka settings: {e}"
+                msg = f"must be a JSON object of librdkafka settings: {e}"
                 raise ValueError(msg) from e
         if isinstance(v, dict):
             return {str(k): str(x) for k, x in v.items()}
@@ -245,8 +307,8 @@ class Settings(BaseSettings):
         if not 0 <= self.peer_deadline < self.heartbeat_timeout:
             msg = (
                 f"peer_deadline must be at least 0 (0: automatic) and below the heartbeat "
-                f"timeout (heartbeat_interval * heartbeat_misses = {self.heartbeat_timeout} s), "
-                f"got {self.peer_deadline}"
+                f"timeout (heartbeat_interval * heartbeat_misses = {self.heartbeat_timeout:g} s), "
+                f"got {self.peer_deadline:g} s"
             )
             raise ValueError(msg)
         return self
@@ -274,8 +336,18 @@ class Settings(BaseSettings):
         return round(self.batch_interval * 1000)
 
     def kafka_client_config(self, **extra: Any) -> dict[str, Any]:
-        """The librdkafka configuration for a client: bootstrap, pass-through, then *extra*."""
-        conf: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap}
+        """The librdkafka configuration for a client: bootstrap, pass-through, then *extra*.
+
+        Every Kafka client of the runtime is built from this, so every one logs through
+        ``dstream.kafka`` (:mod:`ops.kafka_log`: repeats held back, retried connection
+        failures at WARNING) instead of printing librdkafka's lines on stderr.
+        """
+        from ops.kafka_log import kafka_logger
+
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.kafka_bootstrap,
+            "logger": kafka_logger(),
+        }
         conf.update(self.kafka_config)
         conf.update(extra)
         return conf
@@ -292,21 +364,75 @@ class Settings(BaseSettings):
         return out
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build the settings from the environment and *overrides* (flags), failing fast.
+def load_settings(*, from_flags: bool = False, **overrides: Any) -> Settings:
+    """Build the settings from the environment and *overrides*, failing fast.
+
+    Args:
+        from_flags: the overrides are command-line flags (``batch_interval`` came from
+            ``--batch-interval``): error messages then name the flag, not the keyword.
+        **overrides: setting values over the ``DSTREAM_*`` environment (None: not given).
 
     Raises:
-        ConfigError: a value is invalid; the message names the setting and the value.
+        ConfigError: a value is invalid; one line per offending setting, naming it (its
+            flag, ``DSTREAM_*`` variable or keyword: where the value came from) and the
+            value, e.g. ``batch interval (--batch-interval): must be positive, got -1``.
 
     """
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:
         return Settings(**clean)
-    except Exception as e:  # pydantic.ValidationError carries every offending value
+    except ValidationError as e:
+        lines = [_error_line(err, clean, from_flags) for err in e.errors()]
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from e
+    except Exception as e:  # pydantic-settings' SettingsError: a variable it cannot parse
         msg = f"invalid settings: {e}"
         if "kafka_config" in str(e):
-            msg += (
-                "; DSTREAM_KAFKA_CONFIG must be a JSON object of librdkafka settings, "
-                'e.g. {"security.protocol": "SASL_SSL"}'
+            msg = (
+                "kafka config (DSTREAM_KAFKA_CONFIG): must be a JSON object of librdkafka "
+                'settings, e.g. {"security.protocol": "SASL_SSL"}'
             )
         raise ConfigError(msg) from e
+
+
+def _error_line(err: Any, given: Mapping[str, Any], from_flags: bool) -> str:
+    """One pydantic error as one line: ``<setting> (<where it was set>): <what is wrong>``."""
+    text = str(err.get("msg", ""))
+    if err.get("type") == "value_error":
+        text = text.removeprefix("Value error, ")
+    else:  # a type error ("Input should be a valid integer..."): say what was given
+        text = f"{text[:1].lower()}{text[1:]}, got {err.get('input')!r}"
+    loc = err.get("loc") or ()
+    field = str(loc[0]) if loc else ""
+    if field not in Settings.model_fields:
+        return text  # a check across settings: its message names them
+    if field in given:
+        where = f"--{field.replace('_', '-')}" if from_flags else field
+    else:
+        where = f"DSTREAM_{field.upper()}"
+    return f"{field.replace('_', ' ')} ({where}): {text}"
+
+
+def known_env_names() -> frozenset[str]:
+    """Every ``DSTREAM_*`` variable something reads: the settings' and the others'."""
+    fields = {f"DSTREAM_{name.upper()}" for name in Settings.model_fields}
+    return frozenset(fields) | ENV_OUTSIDE_SETTINGS
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``DSTREAM_*`` variables of *environ* that nothing reads, with the closest known names.
+
+    Each as ``(name, closest known name or "")``: a misspelled setting would otherwise be
+    silently ignored. Kubernetes' service link variables are not reported.
+    """
+    known = known_env_names()
+    suffixes = sorted(k.removeprefix("DSTREAM_") for k in known)  # the shared prefix is no hint
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        link = _SERVICE_LINK.fullmatch(upper) or (
+            upper.endswith("_PORT") and environ[name].startswith(("tcp://", "udp://", "sctp://"))
+        )
+        if upper.startswith("DSTREAM_") and upper not in known and not link:
+            close = difflib.get_close_matches(upper.removeprefix("DSTREAM_"), suffixes, n=1)
+            out.append((name, f"DSTREAM_{close[0]}" if close else ""))
+    return out

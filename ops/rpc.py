@@ -118,7 +118,7 @@ def _check_config(secret: bytes, allow_insecure: bool, max_frame: int) -> None:
         msg = f"RPC secret must be bytes, got {type(secret).__name__}"
         raise ConfigError(msg)
     if not secret and not allow_insecure:
-        msg = "RPC secret is empty: set DSTREAM_RPC_SECRET (or pass allow_insecure=True)"
+        msg = "RPC secret is empty: set DSTREAM_SECRET (or pass allow_insecure=True)"
         raise ConfigError(msg)
     if not HANDSHAKE_MAX_FRAME <= max_frame < 2**32:
         msg = f"max_frame must be in [{HANDSHAKE_MAX_FRAME}, 2**32), got {max_frame}"

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from engine.errors import ConfigError, GraphError
+from engine.errors import ConfigError, DStreamError, GraphError
 from engine.graph import StreamingContext
 from ops.config import Settings, load_settings
 
@@ -30,10 +30,10 @@ def settings_from(**flags: Any) -> Settings:
     installed, the ``dstream`` command fills in the environment from ``dstream dev up``
     first (:func:`ops.tools.devservices.use_dev_services`).
     """
-    return load_settings(**{k: v for k, v in flags.items() if v is not None})
+    return load_settings(from_flags=True, **{k: v for k, v in flags.items() if v is not None})
 
 
-def redis_client(settings: Settings) -> Any:
+def redis_client(settings: Settings, *, timeout: float = REDIS_TIMEOUT_S) -> Any:
     """The Redis client of every fleet role: the one place a Redis connection is made.
 
     ``redis://`` and ``rediss://`` (TLS) URLs connect to one server; AUTH comes from the
@@ -44,7 +44,8 @@ def redis_client(settings: Settings) -> Any:
     master asks them again. Behind a Sentinel URL every write is followed by
     ``WAIT 1 <redis_wait_timeout>`` while the master has a replica
     (:class:`ops.redis_sentinel.ReplicatedRedis`), so what the metadata log acknowledged
-    survives a failover.
+    survives a failover. *timeout* bounds connecting and each reply (the start-up probe,
+    :mod:`ops.startup`, passes its shorter try).
 
     Raises:
         ConfigError: a Sentinel URL that does not parse.
@@ -53,8 +54,8 @@ def redis_client(settings: Settings) -> Any:
     import redis
 
     kwargs: dict[str, Any] = {
-        "socket_timeout": REDIS_TIMEOUT_S,
-        "socket_connect_timeout": REDIS_TIMEOUT_S,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
         "health_check_interval": 10,
     }
     password = settings.redis_password.get_secret_value()
@@ -85,11 +86,27 @@ def redis_client(settings: Settings) -> Any:
 def topic_partitions(
     settings: Settings, topics: list[str], timeout: float = 30.0
 ) -> dict[str, int]:
-    """Partition count of each topic; raises ConfigError naming a missing topic."""
+    """Partition count of each topic.
+
+    Raises:
+        ConfigError: a topic does not exist; the message names it and how to create it.
+        DependencyUnreachable: Kafka did not answer the metadata request in *timeout*.
+
+    """
+    from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
+    from ops.startup import DependencyUnreachable, kafka_reason
+
     admin = AdminClient(settings.kafka_client_config())
-    md = admin.list_topics(timeout=timeout)
+    try:
+        md = admin.list_topics(timeout=timeout)
+    except KafkaException as e:
+        msg = (
+            f"kafka at {settings.kafka_bootstrap} did not answer (metadata request for the "
+            f"input topics, {timeout:g} s): {kafka_reason(e)}"
+        )
+        raise DependencyUnreachable(msg, ["kafka"]) from e
     out: dict[str, int] = {}
     for t in topics:
         tm = md.topics.get(t)
@@ -103,36 +120,108 @@ def topic_partitions(
     return out
 
 
+class AppFileError(ConfigError):
+    """The app file cannot be used: it does not parse, an import fails, ``build()`` raises.
+
+    The message is one line, ``<file>:<line>: <what is wrong>``, with the line of the app
+    file where it went wrong (of the innermost frame in the app file; of the file that
+    does not parse for a syntax error).
+
+    Attributes:
+        path: the file the error is in.
+        line: its line number, or None when no line of it is involved.
+        problem: what is wrong, without the location.
+
+    """
+
+    def __init__(self, path: str, line: int | None, problem: str) -> None:
+        self.path = path
+        self.line = line
+        self.problem = problem
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {problem}")
+
+
+def _line_in(error: BaseException, path: Path) -> int | None:
+    """The line of the innermost traceback frame of *error* that runs the file *path*."""
+    target = path.resolve()
+    line = None
+    tb = error.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == target:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def _problem(error: BaseException) -> str:
+    """What *error* says, with its type unless it is one of ours (which speak for themselves)."""
+    if isinstance(error, DStreamError):
+        return str(error)
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, ModuleNotFoundError):
+        text += " (is it installed in this environment? is the name right?)"
+    return text
+
+
 def load_app(path: str) -> ModuleType:
     """Import the app file (``def build(ssc)``) as the module ``dstream_app_<file stem>``.
 
     Not under the file's own name: an app called ``queue.py`` or ``json.py`` would
     otherwise replace a standard-library module for the whole process.
+
+    Raises:
+        AppFileError: the file is missing, does not parse, raises while it is imported
+            (a missing import...) or has no ``build``; the message is one line with the
+            file and line.
+
     """
     p = Path(path)
     if not p.is_file():
-        msg = f"app file {path} not found"
-        raise ConfigError(msg)
+        raise AppFileError(path, None, "no such app file")
     name = f"dstream_app_{p.stem}"
     spec = importlib.util.spec_from_file_location(name, p)
     if spec is None or spec.loader is None:
-        msg = f"cannot import app file {path}"
-        raise ConfigError(msg)
+        raise AppFileError(path, None, "cannot be imported as a Python module")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:  # also in a module the app imports: name that file
+        sys.modules.pop(name, None)
+        where = e.filename or path
+        if Path(where).resolve() == p.resolve():
+            where = path  # as the user wrote it
+        raise AppFileError(where, e.lineno, f"{type(e).__name__}: {e.msg}") from e
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise AppFileError(path, _line_in(e, p), _problem(e)) from e
     if not callable(getattr(mod, "build", None)):
-        msg = f"app file {path} must define build(ssc: StreamingContext) -> None"
-        raise ConfigError(msg)
+        raise AppFileError(path, None, "must define build(ssc: StreamingContext) -> None")
     return mod
 
 
 def build_context(path: str, settings: Settings) -> StreamingContext:
-    """Build the app's graph: every process calls this and gets the same node ids."""
+    """Build the app's graph: every process calls this and gets the same node ids.
+
+    Raises:
+        AppFileError: loading the app failed (:func:`load_app`), ``build(ssc)`` raised
+            (the line is the app file's innermost frame) or the graph is invalid.
+
+    """
     mod = load_app(path)
     ssc = StreamingContext(settings.batch_interval, num_partitions=settings.num_partitions)
-    mod.build(ssc)
-    ssc.validate()
+    try:
+        mod.build(ssc)
+    except Exception as e:
+        problem = _problem(e)
+        if not isinstance(e, DStreamError):
+            problem = f"build(ssc) raised {problem}"
+        raise AppFileError(path, _line_in(e, Path(path)), problem) from e
+    try:
+        ssc.validate()
+    except GraphError as e:
+        raise AppFileError(path, None, str(e)) from e
     return ssc
 
 

@@ -107,7 +107,9 @@ def ensure_topic(
     from confluent_kafka.cimpl import NewTopic
 
     where = config.get("bootstrap.servers", "?")
-    admin = AdminClient({"log_level": 0, **config})
+    # a runtime config logs through dstream.kafka (deduplicated); the tooling's bare ones
+    # are silenced, so an unreachable broker is reported once, by the TopicError below
+    admin = AdminClient(config if "logger" in config else {"log_level": 0, **config})
     try:
         meta = admin.list_topics(timeout=timeout)
     except KafkaException as e:

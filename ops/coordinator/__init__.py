@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from engine.errors import ConfigError, DStreamError, MetadataLostError, NotLeaderError
 from engine.plan import Plan
 from engine.scheduler import tune_gc
+from ops import startup
 from ops.config import Settings
 from ops.coordinator.durable import DurableWriter
 from ops.coordinator.leader import Leader, status_of
@@ -112,6 +113,12 @@ class Coordinator:
                 for t in n.args["topics"]
             }
         )
+        # Kafka and Redis answer, or one line each and (at startup_timeout) one error line;
+        # Redis is not needed when a metadata log is given (tests)
+        deps = startup.app_dependencies(settings, self.ssc.nodes, app_id, coordinator=True)
+        if metalog is not None:
+            deps = [d for d in deps if d.name != "redis"]
+        startup.wait_for_dependencies(settings, deps)
         counts = topic_partitions(settings, topics) if topics else {}
         ensure_output_topics(settings, self.ssc.nodes, app_id)
         self.layout = source_layout(self.ssc, counts)

@@ -206,6 +206,7 @@ class BatchClock:
                 log.warning("seal of batch %d on %s failed: %s", b, wid, e)
         info = BatchInfo(b, time_ms, time.monotonic())
         with self.lock:
+            reports = self.receivers.continuing(reports)
             info.ranges = self.receivers.record_batch(b, time_ms, reports)
         info.records = sum(r.range.records for r in reports)
         # the offset ranges are durable before anything is scheduled

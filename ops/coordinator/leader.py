@@ -306,10 +306,18 @@ class Leader:
         """Declare workers lost after ``heartbeat_misses`` silent heartbeat intervals."""
         iv = self.settings.heartbeat_interval
         limit = iv * self.settings.heartbeat_misses
+        deaf = False
         while not self.stopping.wait(iv / 2):
             if not self.may_act("declare workers lost"):
+                deaf = True  # workers were refused (or unheard) meanwhile
                 continue
             with self.lock:
+                if deaf:
+                    # this coordinator's lease lapsed (Redis slow or away, a pause), not the
+                    # workers: their silence counts from now (their reports are retried and
+                    # their commits refused while they were not heard)
+                    deaf = False
+                    self.membership.heard_all(time.monotonic())
                 for wid in self.membership.silent(time.monotonic(), limit):
                     self.lose_worker(wid)
 

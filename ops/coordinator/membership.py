@@ -103,6 +103,11 @@ class Membership:
         w.lag = dict(msg.lag)
         return HeartbeatAnswer.OK
 
+    def heard_all(self, now: float) -> None:
+        """Count every worker as heard at *now* (after this coordinator could not listen)."""
+        for w in self.workers.values():
+            w.last_seen = max(w.last_seen, now)
+
     def silent(self, now: float, limit_s: float) -> list[str]:
         """Workers not heard from for more than *limit_s* seconds (to be declared lost)."""
         return [w.id for w in self.workers.values() if now - w.last_seen > limit_s]

@@ -131,6 +131,36 @@ class ReceiverTracker:
         }
 
     # -- batches ---------------------------------------------------------------------------
+    def continuing(self, reports: list[BlockReport]) -> list[BlockReport]:
+        """The seal reports that start at their partition's position; the others dropped.
+
+        A worker advances its receiver at every seal, whether or not the coordinator heard
+        the answer; when a seal answer is lost (a timeout, a dropped connection) the
+        partition gets an empty range for that batch, and the worker's next report starts
+        past the logged position. Taking it would leave the offsets between out of every
+        logged range: it is dropped instead (the partition gets an empty range again) and
+        the partition is assigned anew from the logged position, which makes the worker
+        read it again from there (``Receivers.assign`` restarts a partition whose start
+        changed).
+        """
+        ok: list[BlockReport] = []
+        for r in reports:
+            key = (block_node(r.block), block_part(r.block))
+            pos = self.positions.get(key)
+            if pos is None or r.range.start == pos:
+                ok.append(r)
+                continue
+            log.warning(
+                "seal report %s starts at offset %d but the partition's logged position is "
+                "%d (an earlier seal answer was lost): reading it again from %d",
+                r.block,
+                r.range.start,
+                pos,
+                pos,
+            )
+            self.dirty = True
+        return ok
+
     def record_batch(
         self, b: int, time_ms: int, reports: list[BlockReport]
     ) -> dict[str, OffsetRange]:

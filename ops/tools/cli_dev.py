@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ServiceError
+from ops.cli_roles import duration_arg
 from ops.tools import devservices as ds
 
 
@@ -88,9 +89,9 @@ def register(sub: Any) -> None:
     p.add_argument("--redis-port", type=int, default=ds.DEFAULT_REDIS_PORT)
     p.add_argument(
         "--timeout",
-        type=float,
+        type=duration_arg("--timeout", positive=True),
         default=ds.KAFKA_START_TIMEOUT_S,
-        help="seconds to wait for the broker (default: %(default)s)",
+        help='how long to wait for the broker ("90s", "2m" or seconds; default: %(default)s s)',
     )
     p.set_defaults(func=_cmd_up)
 

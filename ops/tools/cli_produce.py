@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ops.cli_roles import duration_arg
+
 
 def _number(kind: Callable[[str], Any], name: str, *, minimum: float, strict: bool) -> Any:
     """An argparse ``type`` that parses with *kind* and rejects values below *minimum*."""
@@ -37,9 +39,9 @@ def register(sub: Any) -> None:
         help="produce page-view events to Kafka at a held rate (load harness)",
         description=(
             "Produce page-view events {url, user, ts, seq} keyed by url to a Kafka topic at a "
-            "target rate. Bootstrap: --bootstrap, else DSTREAM_KAFKA_BOOTSTRAP, else the local "
-            "dev services, else 127.0.0.1:19092; DSTREAM_KAFKA_CONFIG (JSON) passes librdkafka "
-            "settings through."
+            "target rate. Bootstrap: --kafka-bootstrap, else DSTREAM_KAFKA_BOOTSTRAP, else the "
+            "local dev services, else 127.0.0.1:19092; DSTREAM_KAFKA_CONFIG (JSON) passes "
+            "librdkafka settings through."
         ),
     )
     p.add_argument("--topic", required=True, help="target topic")
@@ -55,8 +57,8 @@ def register(sub: Any) -> None:
     )
     stop.add_argument(
         "--duration",
-        type=_number(float, "--duration", minimum=0, strict=True),
-        help="seconds to run",
+        type=duration_arg("--duration", positive=True),
+        help='how long to run: "30s", "2m" or seconds',
     )
     p.add_argument(
         "--keys",
@@ -78,7 +80,9 @@ def register(sub: Any) -> None:
         help="create the topic with this many partitions if it is missing",
     )
     p.add_argument("--seed", type=int, default=0, help="event generator seed (default: 0)")
-    p.add_argument("--bootstrap", help="Kafka bootstrap servers HOST:PORT")
+    p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers HOST:PORT")
+    # the flag's former name, still accepted
+    p.add_argument("--bootstrap", dest="kafka_bootstrap", help=argparse.SUPPRESS)
     p.add_argument(
         "--procs",
         type=_number(int, "--procs", minimum=1, strict=False),
@@ -119,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     progress = sys.stderr.isatty() if args.progress is None else bool(args.progress)
     result = produce_pageviews(
-        resolve_bootstrap(args.bootstrap),
+        resolve_bootstrap(args.kafka_bootstrap),
         args.topic,
         rate=args.rate,
         count=args.count,

@@ -16,7 +16,14 @@ import time
 from typing import Any
 
 from engine.errors import ConfigError
-from ops.cli_roles import add_common_args, require_secret, role_settings, setup_logging
+from ops.cli_roles import (
+    add_common_args,
+    app_of,
+    log_level,
+    require_secret,
+    role_settings,
+    setup_logging,
+)
 
 log = logging.getLogger("dstream.run")
 
@@ -29,7 +36,11 @@ RESTART_WINDOW_S = 60.0
 
 def register(sub: Any) -> None:
     """Add ``run`` and ``status``."""
-    p = sub.add_parser("run", help="run an app on a local fleet (coordinator + N workers)")
+    p = sub.add_parser(
+        "run",
+        help="run an app on a local fleet (coordinator + N workers)",
+        usage="dstream run [APP | --app APP] [options]",
+    )
     add_common_args(p, app_positional=True)
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.set_defaults(func=cmd_run)
@@ -51,13 +62,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ops.services import app_id_for, build_context
     from ops.tools.devservices import free_port
 
-    setup_logging(args.log_level)
+    args.app = app_of(args)
+    level = log_level(args)
+    setup_logging(level)
     if args.workers < 1:
         msg = f"--workers must be at least 1, got {args.workers}"
         raise ConfigError(msg)
     settings = role_settings(args)
     app_id = app_id_for(args.app, settings)
-    build_context(args.app, settings)  # a broken app file fails here, once, clearly
+    ssc = build_context(args.app, settings)  # a broken app file fails here, once, clearly
+    from ops.startup import app_dependencies, wait_for_dependencies
+
+    # Kafka or Redis down: one line each here, not one per process of the fleet
+    wait_for_dependencies(settings, app_dependencies(settings, ssc.nodes, app_id, coordinator=True))
     env = dict(os.environ)
     # fewer glibc malloc arenas: a worker's many threads otherwise each keep freed memory
     env.setdefault("MALLOC_ARENA_MAX", "2")
@@ -77,7 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if getattr(settings, name):
             env[f"DSTREAM_{name.upper()}"] = os.path.abspath(getattr(settings, name))
     base = [sys.executable, "-m", "ops.cli"]
-    common = ["--app", args.app, "--log-level", args.log_level]
+    common = [
+        "--app",
+        args.app,
+        "--log-level",
+        level,
+        *(["--debug"] if getattr(args, "debug", False) else []),
+    ]
     http_port = int(env.get("DSTREAM_HTTP_PORT") or 0) or free_port()
     coord_env = {**env, "DSTREAM_HTTP_PORT": str(http_port)}
     # workers share this host: each takes free ports (deployed, each has the fixed ones)

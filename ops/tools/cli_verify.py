@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ops.cli_roles import duration_arg
+
 #: Pause between attempts with ``--wait``: a batch interval or two of a typical app.
 RETRY_PAUSE_S = 2.0
 
@@ -25,10 +27,9 @@ def register(sub: Any) -> None:
             "outputs (map/filter/flat_map)."
         ),
     )
+    p.add_argument("--app", required=True, help="the app file that wrote the output")
     p.add_argument(
-        "--app",
-        default="examples/pageviews.py",
-        help="the app file that wrote the output (default: examples/pageviews.py)",
+        "--app-id", help="the app's id (default: DSTREAM_APP_ID, else the app file's name)"
     )
     p.add_argument("--input", help="input topic (default: the app's kafka_stream topic)")
     p.add_argument("--output", help="output topic (default: the app's to_kafka topic)")
@@ -40,10 +41,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--wait",
-        type=float,
+        type=duration_arg("--wait"),
         default=0.0,
-        help="retry for up to this many seconds while there are differences "
-        "(lets a running fleet catch up; default 0)",
+        help='retry for up to this long ("30s", "2m" or seconds) while there are '
+        "differences (lets a running fleet catch up; default 0)",
     )
     p.add_argument(
         "--max-print",
@@ -58,7 +59,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ops.services import build_context, settings_from
     from ops.tools.verify import verify
 
-    settings = settings_from(kafka_bootstrap=args.kafka_bootstrap)
+    settings = settings_from(kafka_bootstrap=args.kafka_bootstrap, app_id=args.app_id)
     ssc = build_context(args.app, settings)
     conf = settings.kafka_client_config()
     app_id = settings.app_id or Path(args.app).stem

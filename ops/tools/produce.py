@@ -466,7 +466,7 @@ class ProduceResult:
 def resolve_bootstrap(explicit: str | None = None) -> str:
     """The Kafka bootstrap address to use.
 
-    Order: *explicit* (the ``--bootstrap`` flag), ``DSTREAM_KAFKA_BOOTSTRAP``, the local dev
+    Order: *explicit* (``--kafka-bootstrap``), ``DSTREAM_KAFKA_BOOTSTRAP``, the local dev
     services' ``kafka_bootstrap`` (:func:`ops.tools.devservices.discovered_env`, the one way
     the tooling finds them), then :data:`DEFAULT_BOOTSTRAP`.
     """
@@ -542,7 +542,7 @@ def _quiet_admin(bootstrap: str, extra_config: dict[str, Any] | None) -> Any:
 def _unreachable(bootstrap: str, error: Exception) -> ServiceError:
     msg = (
         f"cannot reach Kafka at {bootstrap}: {error}; "
-        "start it with `dstream dev up` or pass --bootstrap"
+        "start it with `dstream dev up` or pass --kafka-bootstrap"
     )
     return ServiceError(msg)
 

@@ -21,7 +21,7 @@ from engine.errors import DStreamError, FencedError, RpcError
 from engine.executor import Executor
 from engine.plan import Plan, block_batch, block_node, input_block_id
 from ingest.receiver import Assignment, Receivers
-from ops import faults, metrics
+from ops import faults, metrics, startup
 from ops import protocol as wire
 from ops.config import Settings
 from ops.http import HttpEndpoints
@@ -385,6 +385,13 @@ def run_worker(
     The signal handlers are installed before anything else, and the main thread only
     waits: a signal is handled at any point, before registration, during a batch, or with
     no coordinator. Tasks still running *stop_deadline_s* after the signal are abandoned.
+    Once it serves, the worker checks the Kafka and Redis its app needs
+    (:func:`ops.startup.wait_for_dependencies`).
+
+    Raises:
+        ops.startup.DependencyUnreachable: Kafka or Redis did not answer within
+            ``startup_timeout``; the worker stopped, the message is one line.
+
     """
     done = threading.Event()
 
@@ -397,6 +404,12 @@ def run_worker(
     if done.is_set():
         return 0
     w.start()
+    deps = startup.app_dependencies(settings, w.ssc.nodes, app_id, coordinator=False)
+    try:  # serving its probes meanwhile: alive, not ready until it registered
+        startup.wait_for_dependencies(settings, deps, done)
+    except startup.DependencyUnreachable:
+        w.stop(stop_deadline_s)
+        raise
     done.wait()
     log.info("worker %s stopping", w.id)
     if not w.stop(stop_deadline_s):

@@ -46,6 +46,11 @@ log = logging.getLogger("dstream.worker")
 COMMIT_WAIT_S = 0.005
 #: Back-off between commit-right polls while no coordinator answers as the leader.
 NOT_LEADER_WAIT_S = 0.1
+#: How long a task's report (done, failed) is retried while no coordinator answers as the
+#: leader: longer than a lease lapse (a leader cut off from Redis for a moment, a takeover
+#: by a standby). A report that is never heard leaves its task running on the coordinator,
+#: and its batch (and every later one, outputs commit in order) waiting behind it.
+REPORT_RETRY_S = 60.0
 
 
 class TaskRunner:
@@ -276,7 +281,7 @@ class TaskRunner:
                 dt,
                 letters,
             )
-            self.coordinator.call("task_done", done.to_wire(), timeout=30)
+            self._report("task_done", done.to_wire())
         except BlockMissing as e:
             self._report_failure(
                 spec, attempt, str(e), wire.FailureKind.MISSING_INPUT, e.block_id, e.gone_from
@@ -307,8 +312,13 @@ class TaskRunner:
     ) -> bool:
         assert self.plan is not None
         while True:
-            if (spec.id, attempt) in self.cancelled or not self.leased(incarnation):
+            if (spec.id, attempt) in self.cancelled:
                 return False
+            if not self.leased(incarnation):
+                # told so (a fenced failure), or the attempt would stay running on a
+                # coordinator that did not declare this worker lost
+                msg = f"{spec.id}: this worker's lease lapsed before the commit"
+                raise FencedError(msg)
             ask = wire.RequestCommit(spec.id, attempt, self.worker_id())
             try:
                 answer = wire.CommitAnswer(
@@ -347,6 +357,24 @@ class TaskRunner:
             spec.id, attempt, self.worker_id(), error, kind, missing, gone_from or []
         )
         try:
-            self.coordinator.call("task_failed", msg.to_wire(), timeout=30)
+            self._report("task_failed", msg.to_wire())
         except RpcError as e:
             log.warning("could not report failure of %s: %s", spec.id, e)
+
+    def _report(self, method: str, params: Any) -> None:
+        """Tell the leader how an attempt ended, retrying while none answers as the leader.
+
+        A leader whose lease lapsed answers ``not leader`` until it renews it (or a standby
+        takes over); the report is sent again until one leader hears it, the worker stops,
+        or :data:`REPORT_RETRY_S` passes. A new leader ignores attempts it did not launch.
+        """
+        deadline = time.monotonic() + REPORT_RETRY_S
+        delay = NOT_LEADER_WAIT_S
+        while True:
+            try:
+                self.coordinator.call(method, params, timeout=30)
+                return
+            except NotLeaderError:
+                if time.monotonic() + delay > deadline or self.stopping.wait(delay):
+                    raise
+                delay = min(1.0, delay * 2)

@@ -129,7 +129,7 @@ class Deployed:
     def produce(self, rate: float, seconds: float, seed: int) -> subprocess.Popen[str]:
         """``dstream produce`` in the background (``--duration``); wait on the result."""
         cmd = [*_dstream(), "produce", "--topic", self.topics[0], "--rate", str(rate)]
-        cmd += ["--duration", str(seconds), "--bootstrap", self.kafka, "--keys", "500"]
+        cmd += ["--duration", str(seconds), "--kafka-bootstrap", self.kafka, "--keys", "500"]
         cmd += ["--seed", str(seed), "--partitions", str(PARTITIONS), "--no-progress"]
         return subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=infra.clean_env()
@@ -248,7 +248,7 @@ def install(
     out.mkdir(parents=True, exist_ok=True)
     first = infra.dstream(
         "produce", "--topic", topics[0], "--rate", "0", "--count", "1000", "--keys", "500",
-        "--partitions", str(PARTITIONS), "--bootstrap", kafka, "--seed", "1", "--no-progress",
+        "--partitions", str(PARTITIONS), "--kafka-bootstrap", kafka, "--seed", "1", "--no-progress",
     )  # fmt: skip
     assert first.returncode == 0, first.stdout + first.stderr
     repo, _, tag = image.rpartition(":")

@@ -117,7 +117,7 @@ def test_cli_produce(kafka_bootstrap: str, capsys: pytest.CaptureFixture[str]) -
 
     topic = f"produce-cli-{uuid.uuid4().hex[:12]}"
     argv = ["produce", "--topic", topic, "--count", "300", "--rate", "0"]
-    argv += ["--partitions", "3", "--bootstrap", kafka_bootstrap, "--no-progress"]
+    argv += ["--partitions", "3", "--kafka-bootstrap", kafka_bootstrap, "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"produced 300 records to {topic}" in out
@@ -171,7 +171,7 @@ def test_cli_produce_with_two_processes(
 
     topic = f"produce-cli2-{uuid.uuid4().hex[:12]}"
     argv = ["produce", "--topic", topic, "--count", "3000", "--rate", "0", "--procs", "2"]
-    argv += ["--keys", "50", "--partitions", "4", "--bootstrap", kafka_bootstrap]
+    argv += ["--keys", "50", "--partitions", "4", "--kafka-bootstrap", kafka_bootstrap]
     assert main([*argv, "--no-progress"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1  # one summary line for both processes

@@ -85,7 +85,7 @@ def test_status_prints_tables_during_a_run(
     assert sorted(r.split()[:2] for r in receiver_rows) == [[inp, str(p)] for p in range(3)]
 
     # without the shared secret there is no status, and the error says what to do
-    assert no_secret.returncode == 1
+    assert no_secret.returncode == 2  # a usage error: a setting is missing
     assert "DSTREAM_SECRET" in no_secret.stderr
     assert wrong_secret.returncode != 0
     assert "Traceback" not in wrong_secret.stderr, wrong_secret.stderr

@@ -56,7 +56,7 @@ def test_redact_url_keeps_urls_without_password() -> None:
     ("var", "value", "fragment"),
     [
         ("DSTREAM_BATCH_INTERVAL", "0", "batch interval"),
-        ("DSTREAM_BATCH_INTERVAL", "abc", "batch_interval"),
+        ("DSTREAM_BATCH_INTERVAL", "abc", r"^batch interval \(DSTREAM_BATCH_INTERVAL\): cannot"),
         ("DSTREAM_NUM_PARTITIONS", "0", "at least 1"),
         ("DSTREAM_KAFKA_CONFIG", "{not json", "JSON object"),
         ("DSTREAM_CHECKPOINT_EVERY", "-1", "checkpoint_every"),

@@ -142,6 +142,25 @@ def test_assignment_is_balanced_sticky_and_names_peers() -> None:
     assert sorted(len(m.parts) for m in msgs.values()) == [1, 1, 1, 1]
 
 
+def test_a_report_past_the_logged_position_is_read_again_not_skipped() -> None:
+    """A seal answer was lost: the worker's next block starts past the logged position."""
+    rt = ReceiverTracker(LAYOUT, {(0, 0): 5, (0, 1): 7})
+    rt.assign(["a"])
+    assert not rt.dirty
+    gapped = wire.BlockReport("in/0/4/0", OffsetRange("t", 0, 9, 12, 3), 10, ["a"])
+    fine = wire.BlockReport("in/0/4/1", OffsetRange("t", 1, 7, 8, 1), 10, ["a"])
+    kept = rt.continuing([gapped, fine])
+    assert kept == [fine]
+    ranges = rt.record_batch(4, 4000, kept)
+    # offsets 5..8 are in no range yet: the partition stays at 5 and is assigned anew
+    assert ranges["in/0/4/0"] == OffsetRange("t", 0, 5, 5, 0)
+    rt.advance(kept)
+    assert rt.positions == {(0, 0): 5, (0, 1): 8}
+    assert rt.dirty
+    starts = {p.index: p.start for p in rt.assign(["a"])["a"].parts}
+    assert starts == {0: 5, 1: 8}, "the worker re-reads partition 0 from 5"
+
+
 def test_a_batch_gets_a_range_for_every_partition() -> None:
     rt = ReceiverTracker(LAYOUT, {(0, 0): 5, (0, 1): 7})
     rep = wire.BlockReport("in/0/3/0", OffsetRange("t", 0, 5, 9, 4), 10, ["a"])

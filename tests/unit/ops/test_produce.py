@@ -359,7 +359,7 @@ def test_cli_parses_all_flags() -> None:
             "--rate",
             "20000",
             "--duration",
-            "10",
+            "10s",
             "--keys",
             "500",
             "--key-dist",
@@ -372,7 +372,7 @@ def test_cli_parses_all_flags() -> None:
             "6",
             "--seed",
             "42",
-            "--bootstrap",
+            "--kafka-bootstrap",
             "h:1",
             "--no-progress",
         ]
@@ -380,7 +380,12 @@ def test_cli_parses_all_flags() -> None:
     assert (args.func.__module__, args.func.__name__) == ("ops.tools.cli_produce", "_run")
     assert (args.topic, args.rate, args.duration, args.count) == ("pv", 20000.0, 10.0, None)
     assert (args.keys, args.key_dist, args.zipf_s, args.fmt) == (500, "zipf", 1.3, "msgpack")
-    assert (args.partitions, args.seed, args.bootstrap, args.progress) == (6, 42, "h:1", False)
+    assert (args.partitions, args.seed, args.kafka_bootstrap, args.progress) == (
+        6,
+        42,
+        "h:1",
+        False,
+    )
 
 
 def test_cli_defaults() -> None:
@@ -405,7 +410,8 @@ def test_cli_parses_procs() -> None:
         (["--topic", "t", "--count", "5", "--duration", "1"], "not allowed with"),
         (["--topic", "t", "--count", "5", "--rate", "-3"], "--rate must be >= 0"),
         (["--topic", "t", "--count", "0"], "--count must be >= 1"),
-        (["--topic", "t", "--duration", "0"], "--duration must be > 0"),
+        (["--topic", "t", "--duration", "0"], "argument --duration: must be positive, got 0"),
+        (["--topic", "t", "--duration", "10 sec"], "cannot read '10 sec' as a duration"),
         (["--topic", "t", "--count", "5", "--key-dist", "pareto"], "invalid choice"),
         (["--topic", "t", "--count", "x"], "--count must be a number"),
         (["--topic", "t", "--count", "5", "--procs", "0"], "--procs must be >= 1"),

@@ -8,7 +8,9 @@ urls), one broker, one run, four variants in turn:
 (b) ``fleet-1w``: ``dstream run examples/pageviews.py --workers 1``;
 (c) ``fleet-2w``: the same with ``--workers 2``;
 (d) ``windowed-2w``: ``dstream run examples/windowed_pageviews.py --workers 2`` (running
-    count plus a 10 s / 1 s windowed count).
+    count plus a 10 s / 1 s windowed count);
+(e) ``fleet-2w-nometrics``: (c) with ``DSTREAM_METRICS=false`` (every metric a no-op): the
+    cost of metrics is the ratio of (c) to (e), target at most 3 %.
 
 Each fleet gets a fresh app id, so it starts at the earliest offset. Its throughput is the
 topic size divided by the time until the coordinator's ``/api/status`` shows completed
@@ -35,7 +37,9 @@ from confluent_kafka import Consumer, TopicPartition
 
 from bench import _common as c
 
-VARIANTS = ("plain", "fleet-1w", "fleet-2w", "windowed-2w", "plain-again")
+VARIANTS = ("plain", "fleet-1w", "fleet-2w", "windowed-2w", "fleet-2w-nometrics", "plain-again")
+#: What metrics may cost: fleet-2w's throughput at least this share of fleet-2w-nometrics'.
+METRICS_COST_MAX = 0.03
 TARGETS = {"fleet-1w": 0.6, "fleet-2w": 1.0}
 
 
@@ -76,6 +80,7 @@ def fleet_run(
     total: int,
     interval: float,
     timeout: float,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run a fleet over the whole topic; time until completed batches cover every record."""
     out_topic = c.unique("bench-counts")
@@ -87,6 +92,7 @@ def fleet_run(
         "PAGEVIEWS_OUTPUT": out_topic,
         "PAGEVIEWS_WINDOW_OUTPUT": win_topic,
         "DSTREAM_BATCH_INTERVAL": str(interval),
+        **(extra_env or {}),
     }
     t_launch = time.monotonic()
     with c.run_fleet(app, workers=workers, env=env, log_dir=c.RESULTS / "logs") as fleet:
@@ -163,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         "fleet-1w": ("examples/pageviews.py", 1),
         "fleet-2w": ("examples/pageviews.py", 2),
         "windowed-2w": ("examples/windowed_pageviews.py", 2),
+        "fleet-2w-nometrics": ("examples/pageviews.py", 2),
     }
+    envs = {"fleet-2w-nometrics": {"DSTREAM_METRICS": "false"}}
     for v in variants:
         if v == "plain-again" and expected is not None:
             # the plain loop once more at the end: the spread of the two is the run's noise
@@ -178,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         if v not in apps:
             continue
         app, workers = apps[v]
-        r = fleet_run(app, workers, bootstrap, topic, total, args.interval, args.timeout)
+        r = fleet_run(
+            app, workers, bootstrap, topic, total, args.interval, args.timeout, envs.get(v)
+        )
         exact = expected is None or r["finals"] == dict(expected)
         r["exact"] = exact
         results[v] = r
@@ -242,6 +252,17 @@ def report(results: dict[str, dict[str, Any]], total: int, args: argparse.Namesp
             f"| {c.verdict(ratio, target, True) if target else '-'}"
             f"{' (timed out)' if r.get('timed_out') else ''} |"
         )
+    if "fleet-2w" in results and "fleet-2w-nometrics" in results:
+        on = total / results["fleet-2w"]["from_ready"]
+        off = total / results["fleet-2w-nometrics"]["from_ready"]
+        cost = 1 - on / off
+        lines += [
+            "",
+            f"Cost of metrics: fleet-2w (metrics on) {on:,.0f}/s, fleet-2w-nometrics "
+            f"(`DSTREAM_METRICS=false`) {off:,.0f}/s: {cost * 100:+.1f} % "
+            f"(target at most {METRICS_COST_MAX * 100:.0f} %: "
+            f"{'met' if cost <= METRICS_COST_MAX else 'missed'}).",
+        ]
     lines += [
         "",
         "Ratios are to the mean of the two plain-loop runs (first and last variant of the "

@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     #: require the shared secret (``Authorization: Bearer <secret>``) on the coordinator's
     #: HTTP status (``/api/status``); probes and ``/metrics`` stay open
     http_auth: bool = False
+    #: record and export the Prometheus metrics; false makes every metric a no-op (what
+    #: the throughput benchmark's metrics-off variant measures)
+    metrics: bool = True
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""

@@ -7,6 +7,9 @@ Grafana dashboard in ``helm/`` queries only names defined here (a test checks it
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _DELAY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -127,3 +130,40 @@ for _reason in ("decode", "encode", "user"):  # ops.sinks.dead_letter_reason's v
     DEAD_LETTERED.labels(reason=_reason)
 for _role in ("coordinator", "worker"):
     FENCED.labels(role=_role)
+
+
+class _Off:
+    """A metric that records nothing (``DSTREAM_METRICS=false``): every call is a no-op."""
+
+    def labels(self, *args: Any, **kwargs: Any) -> _Off:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+def disable() -> None:
+    """Turn every metric of this module into a no-op and stop exporting it.
+
+    Called once at a role's start when ``DSTREAM_METRICS=false`` (the throughput benchmark
+    measures what metrics cost this way); callers use ``metrics.NAME`` at call time, so
+    the swap reaches them all. ``/metrics`` then serves only prometheus-client's own
+    process and platform collectors.
+    """
+    from prometheus_client import REGISTRY
+
+    module = globals()
+    for name, value in list(module.items()):
+        if isinstance(value, Counter | Gauge | Histogram):
+            with contextlib.suppress(KeyError):
+                REGISTRY.unregister(value)
+            module[name] = _Off()

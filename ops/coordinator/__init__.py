@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from engine.errors import ConfigError, DStreamError, MetadataLostError, NotLeaderError
 from engine.plan import Plan
 from engine.scheduler import tune_gc
-from ops import startup
+from ops import metrics, startup
 from ops.config import Settings
 from ops.coordinator.durable import DurableWriter
 from ops.coordinator.leader import Leader, status_of
@@ -379,6 +379,8 @@ def run_coordinator(settings: Settings, app_path: str, app_id: str, expect_worke
     Returns the exit code: 0 asked to stop, :data:`APP_FAILED`, :data:`LOST_LEADERSHIP`,
     :data:`METADATA_LOST`.
     """
+    if not settings.metrics:
+        metrics.disable()
     c = Coordinator(settings, app_path, app_id, expect_workers)
     tune_gc()
     done = threading.Event()

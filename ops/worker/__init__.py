@@ -393,6 +393,8 @@ def run_worker(
             ``startup_timeout``; the worker stopped, the message is one line.
 
     """
+    if not settings.metrics:
+        metrics.disable()
     done = threading.Event()
 
     def _stop(_sig: int, _frm: Any) -> None:

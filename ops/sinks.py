@@ -96,6 +96,24 @@ def bounded_call(what: str, fn: Callable[..., Any], *args: Any, timeout: float) 
     return box.get("value")
 
 
+def txn_call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """A transactional producer call bounded by :data:`KAFKA_CALL_TIMEOUT_S`.
+
+    The bound is passed as the call's own timeout and to :func:`bounded_call`.
+    """
+    return bounded_call(what, fn, *args, KAFKA_CALL_TIMEOUT_S, timeout=KAFKA_CALL_TIMEOUT_S)
+
+
+def produce(producer: Any, topic: str, value: bytes, key: bytes | None, headers: Any) -> None:
+    """``producer.produce``, serving delivery callbacks while its local queue is full."""
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, headers=headers)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 def _json(x: Any) -> bytes:
     return json.dumps(x, separators=(",", ":"), default=_default).encode()
 
@@ -308,11 +326,9 @@ def transactional_clients(settings: Settings, tid: str, group: str, where: str) 
         )
     )
     try:
-        bounded_call(
+        txn_call(
             "init_transactions",
             producer.init_transactions,
-            KAFKA_CALL_TIMEOUT_S,
-            timeout=KAFKA_CALL_TIMEOUT_S,
         )
     except KafkaException as e:
         what = f"{where}: starting the transactional producer"
@@ -417,34 +433,23 @@ class FleetSinks(SinkEnv):
             fmt = node.args["format"]
             for r in records:
                 k, v = r if isinstance(r, Encoded) else encode_output(r, fmt)
-                while True:
-                    try:
-                        producer.produce(topic, value=v, key=k, headers=headers)
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
-            bounded_call(
+                produce(producer, topic, v, k, headers)
+            txn_call(
                 "send_offsets_to_transaction",
                 producer.send_offsets_to_transaction,
                 [TopicPartition(topic, 0, spec.batch + 1, metadata=incarnation)],
                 marker.consumer_group_metadata(),
-                KAFKA_CALL_TIMEOUT_S,
-                timeout=KAFKA_CALL_TIMEOUT_S,
             )
             if guard is not None and not guard():
-                bounded_call(
+                txn_call(
                     "abort_transaction",
                     producer.abort_transaction,
-                    KAFKA_CALL_TIMEOUT_S,
-                    timeout=KAFKA_CALL_TIMEOUT_S,
                 )
                 msg = f"{node.name} partition {spec.part}: lease lost before commit"
                 raise FencedError(msg)
-            bounded_call(
+            txn_call(
                 "commit_transaction",
                 producer.commit_transaction,
-                KAFKA_CALL_TIMEOUT_S,
-                timeout=KAFKA_CALL_TIMEOUT_S,
             )
             with self._lock:
                 self._committed_here[here] = max(self._committed_here.get(here, -1), spec.batch)
@@ -462,11 +467,9 @@ class FleetSinks(SinkEnv):
                 self._kafka_state(ok=False, why=str(e if hung else err))
             if err is not None and err.txn_requires_abort():
                 with contextlib.suppress(KafkaException, KafkaCallHung):
-                    bounded_call(
+                    txn_call(
                         "abort_transaction",
                         producer.abort_transaction,
-                        KAFKA_CALL_TIMEOUT_S,
-                        timeout=KAFKA_CALL_TIMEOUT_S,
                     )
             with self._lock:
                 self._producers.pop((node.id, spec.part), None)

@@ -34,14 +34,14 @@ from engine.executor import DeadLetter
 from ops import metrics
 from ops.config import Settings
 from ops.sinks import (
-    KAFKA_CALL_TIMEOUT_S,
     FleetSinks,
     KafkaCallHung,
     _kafka_error,
-    bounded_call,
     dead_letter_reason,
     letter_headers,
+    produce,
     transactional_clients,
+    txn_call,
 )
 
 log = logging.getLogger("dstream.coordinator")
@@ -215,11 +215,9 @@ class DeadLetterCommitter:
         self._written = None
         if producer is not None:
             with contextlib.suppress(KafkaException, KafkaCallHung, RuntimeError):
-                bounded_call(
+                txn_call(
                     "abort_transaction",
                     producer.abort_transaction,
-                    KAFKA_CALL_TIMEOUT_S,
-                    timeout=KAFKA_CALL_TIMEOUT_S,
                 )
         if marker is not None:
             with contextlib.suppress(Exception):
@@ -266,28 +264,19 @@ class DeadLetterCommitter:
             producer.begin_transaction()
             for d in bl.letters:
                 headers = letter_headers(d, bl.time_ms, bl.batch)
-                while True:
-                    try:
-                        producer.produce(self.topic, value=d.value, headers=headers)
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
-            bounded_call(
+                produce(producer, self.topic, d.value, None, headers)
+            txn_call(
                 "send_offsets_to_transaction",
                 producer.send_offsets_to_transaction,
                 [TopicPartition(self.topic, 0, bl.batch + 1, metadata=self.incarnation)],
                 marker.consumer_group_metadata(),
-                KAFKA_CALL_TIMEOUT_S,
-                timeout=KAFKA_CALL_TIMEOUT_S,
             )
             if not self.may_act("commit dead letters"):
                 msg = "lease in doubt before the dead-letter commit"
                 raise DStreamError(msg)
-            bounded_call(
+            txn_call(
                 "commit_transaction",
                 producer.commit_transaction,
-                KAFKA_CALL_TIMEOUT_S,
-                timeout=KAFKA_CALL_TIMEOUT_S,
             )
         except KafkaException as e:
             where = f"dead letters of batch {bl.batch}"

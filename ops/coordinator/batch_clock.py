@@ -104,9 +104,14 @@ class BatchClock:
         # rejoin (they do within a heartbeat or two), not with the number it was told
         if not self.await_workers(REGISTRATION_WAIT_S if self.fresh else REJOIN_WAIT_S):
             return
-        self.send_assignments()
-        with self.lock:
-            self.replay_logged()
+        try:
+            self.send_assignments()
+            with self.lock:
+                self.replay_logged()
+        except Exception:
+            if self.stopping.is_set():
+                return  # stopped while assigning (the I/O pool is already shut down)
+            raise
         # the first batch is cut at once: after a takeover, the records since the last
         # leader's last batch are already waiting
         start = time.time()

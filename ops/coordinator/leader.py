@@ -10,10 +10,11 @@ stops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -298,7 +299,7 @@ class Leader:
         while not self.stopping.wait(SPECULATION_EVERY_S):
             if not self.may_act("speculate"):
                 continue
-            with self.lock:
+            with self.lock, self._survive("speculating"):
                 if self.scheduler.batches and self.scheduler.running_count():
                     self.dispatcher.dispatch()
 
@@ -311,7 +312,7 @@ class Leader:
             if not self.may_act("declare workers lost"):
                 deaf = True  # workers were refused (or unheard) meanwhile
                 continue
-            with self.lock:
+            with self.lock, self._survive("declaring workers lost"):
                 if deaf:
                     # this coordinator's lease lapsed (Redis slow or away, a pause), not the
                     # workers: their silence counts from now (their reports are retried and
@@ -320,6 +321,19 @@ class Leader:
                     self.membership.heard_all(time.monotonic())
                 for wid in self.membership.silent(time.monotonic(), limit):
                     self.lose_worker(wid)
+
+    @contextlib.contextmanager
+    def _survive(self, doing: str) -> Iterator[None]:
+        """Keep a loop thread alive through one failed round: log it, unless stopping.
+
+        A loop that died would wedge the app (no worker ever declared lost); while stopping,
+        the I/O pool is already shut down and refuses new calls, which is expected.
+        """
+        try:
+            yield
+        except Exception:
+            if not self.stopping.is_set():
+                log.exception("%s failed", doing)
 
     def lose_worker(self, wid: str) -> None:
         """Rerun the tasks and reassign the partitions of a lost worker (lock held)."""

@@ -2,9 +2,12 @@
 
 Order: throughput (it measures the maximum rate the others scale from), latency, smallest
 stable interval, memory soak (``--soak-minutes``, 10 by default, the issue's figure),
-coordinator scale, worker profile,
+coordinator scale (50 to 1,000 simulated workers, and recovery from a lost one),
+coordinator memory at 1,000 simulated workers over 10 simulated minutes, worker profile,
 recovery from a killed worker (checkpoints every 2, 10, 30 batches), straggler with and
-without speculation, failover to a standby coordinator (kill -9 and SIGSTOP of the leader).
+without speculation, failover to a standby coordinator (kill -9 and SIGSTOP of the leader),
+metadata written to Redis per batch (1,000 workers x 4 partitions), connections per worker
+(24 real worker processes), bounded runs (``--until end`` over 5 M pre-loaded records).
 Each step writes a markdown fragment and its PNGs into ``bench/results/``; a step that
 fails is reported as failed and the others still run. Needs ``dstream dev up`` (the
 ``make bench`` target starts it).
@@ -12,7 +15,8 @@ fails is reported as failed and the others still run. Needs ``dstream dev up`` (
     .venv/bin/python -m bench.run_all [--quick] [--soak-minutes 10] [--only throughput,scale]
 
 ``--quick`` shrinks every step (400k records, 10 s latency runs, 1-minute soak, 50/100
-workers) to check the suite itself in about five minutes; its figures are not the report's.
+workers, 90 simulated seconds at 200 workers) to check the suite itself in about five
+minutes; its figures are not the report's.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ STEPS = (
     "interval",
     "soak",
     "scale",
+    "scale_memory",
     "profile",
     "recovery",
     "straggler",
     "failover",
+    "metadata",
+    "connections",
+    "bounded",
 )
 
 
@@ -68,12 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     only = [s for s in args.only.split(",") if s]
     q = args.quick
     from bench import (
+        bounded,
+        connections,
         failover,
         interval,
         latency,
+        metadata,
         profile_fleet,
         recovery,
         scale,
+        scale_memory,
         soak,
         straggler,
         throughput,
@@ -84,7 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         "latency": (latency.main, ["--duration", "10" if q else "20"]),
         "interval": (interval.main, ["--duration", "8" if q else "15"]),
         "soak": (soak.main, ["--minutes", "1.2" if q else f"{args.soak_minutes:g}"]),
-        "scale": (scale.main, ["--workers", "50,100" if q else "50,100,200,400"]),
+        "scale": (
+            scale.main,
+            ["--workers", "50,100", "--recovery-workers", "100", "--profile-workers", "100"]
+            if q
+            else ["--workers", "50,100,200,400,1000"],
+        ),
+        "scale_memory": (
+            scale_memory.main,
+            ["--workers", "200", "--minutes", "1.5"] if q else ["--minutes", "10"],
+        ),
         "profile": (profile_fleet.main, ["--seconds", "10"]),
         "recovery": (
             recovery.main,
@@ -92,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "straggler": (straggler.main, ["--seconds", "10" if q else "20"]),
         "failover": (failover.main, ["--steady", "6", "--after", "12"] if q else []),
+        "metadata": (metadata.main, ["--batches", "50" if q else "200"]),
+        "connections": (
+            connections.main,
+            ["--workers", "8", "--seconds", "20", "--caps", "32,4"] if q else [],
+        ),
+        "bounded": (bounded.main, ["--records", "400000" if q else "5000000"]),
     }
     status: dict[str, str] = {}
     c.print_machine()

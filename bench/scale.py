@@ -14,13 +14,25 @@ coordinator's own CPU time.
 
 Sizes: W workers, 4 input partitions each (4W map tasks), ``--reduce-per-worker`` reduce
 partitions per worker for both keyed operators (default 1, so W each), ``task_slots`` 2.
+As the coordinator runs it (``ops/coordinator/leader.py``): input blocks are retained for
+``2 x 10 + 2`` batches and every state partition is checkpointed every 10 batches.
 
-Figures per W: scheduling delay of a batch = time from its blocks being reported to every
-one of its tasks launched and finished through the scheduler (batch complete), p50/p99 over
-``--batches`` batches after warm-up; the first-launch delay; tasks/s sustained = tasks per
-second of scheduler CPU. A 1 s batch interval is sustainable while the delay stays < 1 s.
+Every figure is the coordinator thread's CPU time (``time.thread_time``; on an idle
+machine, the wall time). Figures per W: scheduling delay of a batch = time from its blocks
+being reported to every one of its tasks launched and finished through the scheduler
+(batch complete), p50/p99 over ``--batches`` batches after warm-up, and the part of it
+spent planning the batch (:meth:`engine.plan.Plan.tasks_for_batch`, called by
+``add_batch``); the first-launch delay; the cost per task (delay / tasks); tasks/s
+sustained = tasks per second of scheduler CPU. A 1 s batch interval is sustainable while
+the delay stays < 1 s.
 
-    .venv/bin/python -m bench.scale [--workers 50,100,200,400] [--batches 20]
+Recovery (``--recovery-workers``): in the middle of a batch (map stage done, reduces
+running), one worker is lost; the figure is the time of ``remove_worker`` plus the tick
+that follows, which re-launches the lost worker's attempts and map outputs and plans the
+rebuild of the state partition it held (lineage back to the checkpoint), with the part of
+it spent re-planning old batches (``Plan.tasks_for_batch``) apart.
+
+    .venv/bin/python -m bench.scale [--workers 50,100,200,400,1000] [--batches 20]
 """
 
 from __future__ import annotations
@@ -38,14 +50,24 @@ from typing import Any
 from bench import _common as c
 from engine import StreamingContext
 from engine.dispatch import InstructionHandler, apply
-from engine.plan import Plan
-from engine.scheduler import BatchCompleted, LaunchTask, Scheduler, tune_gc
+from engine.plan import Plan, TaskSpec
+from engine.scheduler import BatchCompleted, LaunchTask, ReadInput, Replicate, Scheduler, tune_gc
 from ops.protocol import task_spec_to_wire
 
+#: the clock of every figure: this thread's CPU time, so that other work on a shared
+#: machine does not show as scheduler time (the simulated fleet is one thread)
+cpu = time.thread_time
 SLOTS = 2
 PARTS_PER_WORKER = 4
-TARGET_WORKERS = 200
+#: the issue #7 target (200 workers) and the issue #16 targets (1,000 workers)
+TARGETS_P99_S = {200: 0.100, 1000: 0.100}
+TARGET_WORKERS = 1000
 TARGET_P99_S = 0.100
+TARGET_FIRST_S = 0.020
+TARGET_RECOVERY_S = 0.050
+#: as the coordinator runs the scheduler (ops/coordinator/leader.py, default settings)
+CHECKPOINT_EVERY = 10
+RETAIN_INPUTS = 2 * CHECKPOINT_EVERY + 2
 
 
 def build_plan(workers: int, reduce_per_worker: int) -> tuple[Plan, int]:
@@ -64,12 +86,17 @@ class _SimulatedWorkers(InstructionHandler):
         self.sched = sched
         self.running = running
         self.done = False
+        self.launched = 0
+
+    def replicate(self, ins: Replicate) -> None:
+        self.sched.block_added(ins.block_id, ins.target, 100_000)
 
     def launch(self, ins: LaunchTask) -> None:
         # the shell's lock-held per-launch work in ops/coordinator/dispatch.py:Dispatcher.launch
         _loc = self.sched.locations_of(ins.spec)
         task_spec_to_wire(ins.spec)
         self.running.append(ins)
+        self.launched += 1
 
     def batch_completed(self, ins: BatchCompleted) -> None:
         self.done = True
@@ -91,52 +118,113 @@ class SimCoordinator:
 
     def __init__(self, workers: int, reduce_per_worker: int) -> None:
         self.plan, self.src = build_plan(workers, reduce_per_worker)
-        self.sched = Scheduler(self.plan, 0, speculation=True)
+        self.sched = Scheduler(self.plan, 0, speculation=True, retain_inputs=RETAIN_INPUTS)
+        self.stateful = [
+            (n.id, p) for n in self.plan.stateful_nodes() for p in range(self.plan.nparts[n.id])
+        ]
         self.workers = [f"10.0.{i // 250}.{i % 250}:7000" for i in range(workers)]
         for w in self.workers:
             self.sched.add_worker(w, SLOTS)
         self.nparts = workers * PARTS_PER_WORKER
         self.clock = 0.0
         self.tasks_done = 0
+        self.plan_s = 0.0
+        #: seconds spent in Plan.tasks_for_batch so far (new batches and re-planned ones)
+        self.planning = 0.0
+        plan_tasks = self.plan.tasks_for_batch
+
+        def timed_tasks(b: int, first: int) -> list[TaskSpec]:
+            t0 = cpu()
+            try:
+                return plan_tasks(b, first)
+            finally:
+                self.planning += cpu() - t0
+
+        self.plan.tasks_for_batch = timed_tasks  # type: ignore[method-assign]
+        #: (seconds, of which re-planning old batches, launches, tasks re-planned) per loss
+        self.recoveries: list[tuple[float, float, int, int]] = []
+
+    def checkpoint(self, b: int) -> None:
+        """Every CHECKPOINT_EVERY batches, all state partitions are checkpointed at *b*."""
+        if (b + 1) % CHECKPOINT_EVERY == 0:
+            for node, part in self.stateful:
+                self.sched.set_checkpoint(node, part, b)
+
+    def lose(self, victim: str, sim: _SimulatedWorkers) -> None:
+        """Lose *victim*: time ``remove_worker`` and the tick that plans the recovery."""
+        launched0 = sim.launched
+        planning0 = self.planning
+        recomputed0 = self.sched.stats.recomputed
+        t0 = cpu()
+        out = self.sched.remove_worker(victim)
+        out += self.sched.tick(self.now())
+        dt = cpu() - t0
+        self.workers.remove(victim)
+        self._apply(out, sim)
+        for i in out:
+            if isinstance(i, ReadInput):  # re-read from Kafka by a live worker
+                self.sched.block_added(i.block_id, self.workers[0], 100_000)
+        self.recoveries.append(
+            (
+                dt,
+                self.planning - planning0,
+                sim.launched - launched0,
+                self.sched.stats.recomputed - recomputed0,
+            )
+        )
 
     def now(self) -> float:
-        return self.clock + time.perf_counter()
+        return self.clock + cpu()
 
     def _apply(self, ins: list[Any], sim: _SimulatedWorkers) -> bool:
         apply(ins, sim)
         return sim.done
 
-    def run_batch(self, b: int, cap: float = float("inf")) -> tuple[float, float, int]:
+    def run_batch(
+        self, b: int, cap: float = float("inf"), lose_after: int | None = None
+    ) -> tuple[float, float, int]:
         """One batch end to end; returns (delay to complete, delay to first launch, tasks).
+
+        With *lose_after*, the worker of the next task to finish is lost after that many
+        of the batch's tasks finished (see :meth:`lose`). ``plan_s`` is set to the time
+        ``add_batch`` took (planning the batch's tasks).
 
         Raises:
             BatchTooSlow: the batch was not complete after *cap* seconds.
 
         """
-        t0 = time.perf_counter()
+        t0 = cpu()
         nw = len(self.workers)
         for p in range(self.nparts):
             owner = p % nw
             bid = f"in/{self.src}/{b}/{p}"
             self.sched.block_added(bid, self.workers[owner], 100_000)
             self.sched.block_added(bid, self.workers[(owner + 1) % nw], 100_000)
+        tp = cpu()
         specs = self.sched.add_batch(b, self.now())
+        self.plan_s = cpu() - tp
         running: collections.deque[LaunchTask] = collections.deque()
         sim = _SimulatedWorkers(self.sched, running)
         done0 = self.tasks_done
         first_launch: float | None = None
         done = self._apply(self.sched.tick(self.now()), sim)
         while running and not done:
-            if time.perf_counter() - t0 > cap:
+            if cpu() - t0 > cap:
                 raise BatchTooSlow(
-                    time.perf_counter() - t0,
+                    cpu() - t0,
                     self.tasks_done - done0,
                     len(specs),
                     first_launch or 0.0,
                 )
             if first_launch is None:
-                first_launch = time.perf_counter() - t0
+                first_launch = cpu() - t0
+            if lose_after is not None and self.tasks_done - done0 == lose_after:
+                lose_after = None
+                self.lose(running[0].worker, sim)
+                continue
             ins = running.popleft()
+            if ins.worker not in self.sched.slots:
+                continue  # an attempt on the lost worker: it never reports
             if ins.spec.kind == "output":
                 self.sched.request_commit(ins.spec.id, ins.attempt)
             out = self.sched.task_finished(ins.spec.id, ins.attempt, ins.worker, self.now(), 1000)
@@ -146,7 +234,7 @@ class SimCoordinator:
         if not done:
             msg = f"batch {b} did not complete ({len(self.sched.batches)} pending)"
             raise RuntimeError(msg)
-        return time.perf_counter() - t0, first_launch or 0.0, len(specs)
+        return cpu() - t0, first_launch or 0.0, len(specs)
 
 
 def measure(
@@ -156,6 +244,7 @@ def measure(
     tune_gc()  # as run_coordinator does
     delays: list[float] = []
     firsts: list[float] = []
+    plans: list[float] = []
     ntasks = 0
     busy = 0.0
     t_start = time.perf_counter()
@@ -171,28 +260,76 @@ def measure(
                 "p50": e.seconds,
                 "p99": e.seconds,
                 "first_p50": e.first,
+                "first_p99": e.first,
+                "plan_p50": sim.plan_s,
+                "sched_p99": e.seconds - sim.plan_s,
                 "tasks_per_s": e.finished / e.seconds,
                 "delays": [],
                 "incomplete": f"batch {b}: {e}",
             }
+        sim.checkpoint(b)
         sim.clock += 1.0  # 1 s batches: the next batch's blocks arrive a second later
         if b >= warmup:
             delays.append(d)
             firsts.append(f)
+            plans.append(sim.plan_s)
             ntasks += n
             busy += d
         if time.perf_counter() - t_start > budget and len(delays) >= 3:
             break
+    n_per = ntasks // max(1, len(delays))
+    sched = [d - p for d, p in zip(delays, plans, strict=True)]
     return {
         "workers": workers,
-        "tasks_per_batch": ntasks // max(1, len(delays)),
+        "tasks_per_batch": n_per,
         "batches": len(delays),
         "p50": c.pct(delays, 0.5),
         "p99": c.pct(delays, 0.99),
         "first_p50": c.pct(firsts, 0.5),
+        "first_p99": c.pct(firsts, 0.99),
+        "plan_p50": c.pct(plans, 0.5),
+        "sched_p50": c.pct(sched, 0.5),
+        "sched_p99": c.pct(sched, 0.99),
+        "us_per_task": c.pct(delays, 0.5) / n_per * 1e6 if n_per else float("nan"),
+        "sched_us_per_task": c.pct(sched, 0.5) / n_per * 1e6 if n_per else float("nan"),
         "tasks_per_s": ntasks / busy if busy else float("nan"),
         "delays": delays,
         "incomplete": "",
+    }
+
+
+def measure_recovery(workers: int, trials: int, reduce_per_worker: int) -> dict[str, Any]:
+    """Lose one worker in the middle of a batch, *trials* times (one batch each).
+
+    The loss comes after the map stage and half of the first reduce stage finished. The
+    lost worker holds map outputs, running attempts and (as every worker does here, one
+    partition each) a state partition the batch still reads: the tick after
+    ``remove_worker`` re-launches its attempts and map outputs and plans the state
+    partition's rebuild from its checkpoint (lineage: the batches since the checkpoint).
+    """
+    sim = SimCoordinator(workers, reduce_per_worker)
+    tune_gc()
+    maps = workers * PARTS_PER_WORKER
+    b = 0
+    for b in range(3):
+        sim.run_batch(b)
+        sim.checkpoint(b)
+        sim.clock += 1.0
+    for _ in range(trials):
+        b += 1
+        sim.run_batch(b, lose_after=maps + workers * reduce_per_worker // 2)
+        sim.checkpoint(b)
+        sim.clock += 1.0
+    rec = sim.recoveries
+    return {
+        "workers": workers,
+        "trials": len(rec),
+        "p50": c.pct([r[0] for r in rec], 0.5),
+        "max": max(r[0] for r in rec),
+        "replan_p50": c.pct([r[1] for r in rec], 0.5),
+        "rest_max": max(r[0] - r[1] for r in rec),
+        "launches": c.median([float(r[2]) for r in rec]),
+        "recomputed": c.median([float(r[3]) for r in rec]),
     }
 
 
@@ -232,14 +369,16 @@ def profile(workers: int, reduce_per_worker: int, batches: int = 1) -> tuple[str
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--workers", default="50,100,200,400")
+    p.add_argument("--workers", default="50,100,200,400,1000")
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reduce-per-worker", type=int, default=1)
-    p.add_argument("--budget", type=float, default=45.0, help="seconds per size, at most")
+    p.add_argument("--budget", type=float, default=60.0, help="seconds per size, at most")
     p.add_argument(
-        "--profile-workers", type=int, default=50, help="size profiled (one batch each tool)"
+        "--profile-workers", type=int, default=1000, help="size profiled (one batch each tool)"
     )
+    p.add_argument("--recovery-workers", type=int, default=1000, help="0: no recovery run")
+    p.add_argument("--recovery-trials", type=int, default=5)
     p.add_argument("--fragment", default="scale.md")
     args = p.parse_args(argv)
     c.print_machine()
@@ -249,14 +388,34 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         print(
             f"{w} workers: {r['tasks_per_batch']} tasks/batch, delay p50 {r['p50'] * 1000:.0f} ms "
-            f"p99 {r['p99'] * 1000:.0f} ms (first launch p50 {r['first_p50'] * 1000:.1f} ms), "
-            f"{r['tasks_per_s']:,.0f} tasks/s over {r['batches']} batches "
+            f"p99 {r['p99'] * 1000:.0f} ms (planning p50 {r['plan_p50'] * 1000:.0f} ms, "
+            f"scheduling p99 {r['sched_p99'] * 1000:.0f} ms; first launch p50 "
+            f"{r['first_p50'] * 1000:.1f} ms), {r['tasks_per_s']:,.0f} tasks/s over "
+            f"{r['batches']} batches "
             f"{r['incomplete'] and '(INCOMPLETE: ' + r['incomplete'] + ')'}",
+            flush=True,
+        )
+    rec = None
+    if args.recovery_workers:
+        rec = measure_recovery(args.recovery_workers, args.recovery_trials, args.reduce_per_worker)
+        print(
+            f"recovery at {rec['workers']} workers: a mid-batch loss planned in p50 "
+            f"{rec['p50'] * 1000:.1f} ms (max {rec['max'] * 1000:.1f} ms; re-planning old "
+            f"batches p50 {rec['replan_p50'] * 1000:.1f} ms, the rest at most "
+            f"{rec['rest_max'] * 1000:.1f} ms; {rec['launches']:.0f} launches, "
+            f"{rec['recomputed']:.0f} tasks re-planned)",
             flush=True,
         )
     _tree, table = profile(args.profile_workers, args.reduce_per_worker)
     print(table)
-    target = next((r for r in rows if r["workers"] == TARGET_WORKERS), None)
+    text = report(args, rows, rec, table)
+    c.write_fragment(args.fragment, text)
+    plot(rows)
+    return 0
+
+
+def report(args: argparse.Namespace, rows: list[dict], rec: dict | None, table: str) -> str:
+    """The markdown fragment: the curve, the targets' verdicts, recovery and the profile."""
     lines = [
         "## Coordinator scale (simulated workers, real Plan + Scheduler)",
         "",
@@ -266,20 +425,26 @@ def main(argv: list[str] | None = None) -> int:
         f"Job: map -> reduce_by_key -> running_reduce -> to_kafka; W workers x "
         f"{PARTS_PER_WORKER} input partitions, {args.reduce_per_worker} reduce partition(s) "
         f"per worker per keyed operator, {SLOTS} slots per worker, 1 s batches, every block "
-        "on two holders, speculation on. Stand-in workers finish each task at once, so the "
-        "delay is the coordinator's own CPU time (the shell's per-launch location lookup "
-        "and `task_spec_to_wire` included; RPC encoding and sockets excluded).",
+        f"on two holders, speculation on, inputs retained {RETAIN_INPUTS} batches and state "
+        f"checkpointed every {CHECKPOINT_EVERY} (the coordinator's defaults). Stand-in "
+        "workers finish each task at once, so the delay is the coordinator's own CPU time "
+        "(the shell's per-launch location lookup and `task_spec_to_wire` included; RPC "
+        "encoding and sockets excluded). *planning* is `add_batch` (the plan's task list of "
+        "the batch); *scheduling* is the rest of the delay.",
         "",
-        "| workers | tasks/batch | delay p50 | delay p99 | first launch p50 | tasks/s sustained "
-        "| 1 s batches sustainable |",
-        "|---|---|---|---|---|---|---|",
+        "| workers | tasks/batch | delay p50 | delay p99 | planning p50 | scheduling p99 "
+        "| first launch p50 | per task (all) | per task (scheduling) | 1 s batches sustainable |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gt = "> " if r["incomplete"] else ""
         lines.append(
-            f"| {r['workers']} | {r['tasks_per_batch']:,} | {gt}{r['p50'] * 1000:,.0f} ms "
-            f"| {gt}{r['p99'] * 1000:,.0f} ms | {r['first_p50'] * 1000:,.1f} ms "
-            f"| {r['tasks_per_s']:,.0f} | {'yes' if r['p99'] < 1.0 else 'no'} |"
+            f"| {r['workers']:,} | {r['tasks_per_batch']:,} | {gt}{r['p50'] * 1000:,.0f} ms "
+            f"| {gt}{r['p99'] * 1000:,.0f} ms | {r['plan_p50'] * 1000:,.0f} ms "
+            f"| {r['sched_p99'] * 1000:,.0f} ms | {r['first_p50'] * 1000:,.1f} ms "
+            f"| {r.get('us_per_task', float('nan')):,.1f} us "
+            f"| {r.get('sched_us_per_task', float('nan')):,.1f} us "
+            f"| {'yes' if r['p99'] < 1.0 else 'no'} |"
         )
     slow = [r for r in rows if r["incomplete"]]
     if slow:
@@ -288,45 +453,73 @@ def main(argv: list[str] | None = None) -> int:
             f"({r['incomplete']}); the delay shown is a lower bound."
             for r in slow
         ]
-    if target:
+    lines.append("")
+    for w, target in TARGETS_P99_S.items():
+        r = next((x for x in rows if x["workers"] == w), None)
+        if r is None:
+            continue
+        lines.append(
+            f"- Target: {w:,} workers x {PARTS_PER_WORKER} partitions, a whole batch p99 <= "
+            f"{target * 1000:.0f} ms: p99 = {r['p99'] * 1000:,.0f} ms, "
+            f"**{c.verdict(r['p99'], target, False)}** (of which planning p50 "
+            f"{r['plan_p50'] * 1000:,.0f} ms; scheduling alone p99 "
+            f"{r['sched_p99'] * 1000:,.0f} ms: {c.verdict(r['sched_p99'], target, False)})."
+        )
+        if w == TARGET_WORKERS:
+            lines.append(
+                f"- Target: {w:,} workers, first task launched <= {TARGET_FIRST_S * 1000:.0f} ms:"
+                f" p50 = {r['first_p50'] * 1000:,.1f} ms, "
+                f"**{c.verdict(r['first_p50'], TARGET_FIRST_S, False)}**."
+            )
+    if rec is not None:
         lines += [
-            "",
-            f"Target: {TARGET_WORKERS} workers x {PARTS_PER_WORKER} partitions, p99 <= "
-            f"{TARGET_P99_S * 1000:.0f} ms: p99 = {target['p99'] * 1000:,.0f} ms, "
-            f"**{c.verdict(target['p99'], TARGET_P99_S, False)}**.",
+            f"- Target: one of {rec['workers']:,} workers lost mid-batch, recovery planned "
+            f"(`remove_worker` + the next tick) <= {TARGET_RECOVERY_S * 1000:.0f} ms: p50 "
+            f"{rec['p50'] * 1000:,.1f} ms, max {rec['max'] * 1000:,.1f} ms over "
+            f"{rec['trials']} losses, **{c.verdict(rec['max'], TARGET_RECOVERY_S, False)}**. "
+            f"Of it, re-planning the batches since the checkpoint (`Plan.tasks_for_batch`, "
+            f"{rec['recomputed']:,.0f} tasks re-planned for the lost state partition's "
+            f"lineage): p50 {rec['replan_p50'] * 1000:,.1f} ms; the scheduler's own part at "
+            f"most {rec['rest_max'] * 1000:,.1f} ms "
+            f"({c.verdict(rec['rest_max'], TARGET_RECOVERY_S, False)}); "
+            f"{rec['launches']:,.0f} tasks launched by that tick.",
         ]
     lines += [
         "",
         "![scale](scale.png)",
         "",
-        f"Profile of the scheduler at {args.profile_workers} workers (cProfile self time over "
+        f"Profile of a batch at {args.profile_workers:,} workers (cProfile self time over "
         "one batch; pyinstrument call tree of another batch in "
         "`bench/results/scale-profile.txt`):",
         "",
         table,
         "",
     ]
-    text = "\n".join(lines) + "\n"
-    c.write_fragment(args.fragment, text)
-    plot(rows)
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict]) -> None:
     plt = c.plt()
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    rows = [r for r in rows if not r["incomplete"]]
     ws = [r["workers"] for r in rows]
-    ax[0].plot(ws, [r["p50"] * 1000 for r in rows], "o-", label="p50")
-    ax[0].plot(ws, [r["p99"] * 1000 for r in rows], "s-", label="p99")
-    ax[0].axhline(TARGET_P99_S * 1000, color="red", ls=":", label="target p99 (200 workers)")
+    ax[0].plot(ws, [r["p50"] * 1000 for r in rows], "o-", label="whole batch p50")
+    ax[0].plot(ws, [r["p99"] * 1000 for r in rows], "s-", label="whole batch p99")
+    ax[0].plot(ws, [r["sched_p99"] * 1000 for r in rows], "^-", label="scheduling p99")
+    ax[0].plot(ws, [r["plan_p50"] * 1000 for r in rows], "v--", label="planning p50")
+    ax[0].axhline(TARGET_P99_S * 1000, color="red", ls=":", label="target p99")
+    ax[0].set_xscale("log")
     ax[0].set_yscale("log")
     ax[0].set_xlabel("simulated workers (4 input partitions each)")
-    ax[0].set_ylabel("batch scheduling delay (ms)")
-    ax[0].legend()
-    ax[1].plot(ws, [r["tasks_per_s"] for r in rows], "o-")
+    ax[0].set_ylabel("ms per batch")
+    ax[0].legend(fontsize=8)
+    ax[1].plot(ws, [r["us_per_task"] for r in rows], "o-", label="whole batch")
+    ax[1].plot(ws, [r["sched_us_per_task"] for r in rows], "^-", label="scheduling only")
+    ax[1].set_xscale("log")
     ax[1].set_xlabel("simulated workers")
-    ax[1].set_ylabel("tasks/s sustained")
-    ax[1].set_yscale("log")
+    ax[1].set_ylabel("coordinator CPU per task (us, p50 batch)")
+    ax[1].set_ylim(bottom=0)
+    ax[1].legend(fontsize=8)
     fig.tight_layout()
     out = c.RESULTS / "scale.png"
     fig.savefig(out, dpi=90)

@@ -25,6 +25,7 @@ from engine.codec import CodecError, normalize, pack, stable_hash, unpack
 from engine.errors import DStreamError, UserFunctionError
 from engine.graph import TIMEOUT, Node
 from engine.plan import NARROW, Plan, TaskSpec, block_batch, block_node
+from engine.tables import apply_updates, base_partition
 
 Fetch = Callable[[str, int], Any]
 
@@ -190,6 +191,9 @@ def _decode_source(n: Node, raw: Any, ctx: _Ctx) -> Iterator[Any]:
     topic, partition, _from, _until, values, offsets, keys, stamps = unpack(raw)
     fmt = n.args.get("value_format", "object") if n.args["source"] == "kafka" else "object"
     meta = n.args.get("with_metadata", False)
+    if n.args.get("table"):
+        yield from _decode_table(n, keys, values, offsets, topic, partition, ctx)
+        return
     ctx.input_records += len(values)
     name = f"{n.name}.decode"
     loads: Callable[[Any], Any]
@@ -224,6 +228,47 @@ def _decode_source(n: Node, raw: Any, ctx: _Ctx) -> Iterator[Any]:
             }
         else:
             yield value
+    ctx.coords = ("", -1, -1)
+
+
+def _decode_table(
+    n: Node,
+    keys: list[Any] | None,
+    values: list[Any],
+    offsets: list[int] | None,
+    topic: str,
+    partition: int,
+    ctx: _Ctx,
+) -> Iterator[Any]:
+    """``(key, value)`` updates of a table topic: key as UTF-8 text, a null value deletes.
+
+    A record without a key, or whose key or value does not decode, is dead-lettered.
+    """
+    fmt = n.args.get("value_format", "json")
+    loads: Callable[[Any], Any] = (
+        orjson.loads if fmt == "json" else _msgpack_value if fmt == "msgpack" else _identity
+    )
+    ctx.input_records += len(values)
+    name = f"{n.name}.decode"
+    for i, v in enumerate(values):
+        ctx.coords = (topic, partition, offsets[i] if offsets else i)
+        try:
+            raw_key = keys[i] if keys else None
+            if raw_key is None:
+                msg = "a table record needs a key"
+                raise ValueError(msg)
+            key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+            value = None if v is None else loads(v)
+        except (
+            ValueError,
+            TypeError,
+            msgpack.UnpackException,
+            CodecError,
+            orjson.JSONDecodeError,
+        ) as e:
+            ctx.dead_letter(name, e, b"" if v is None else v)
+            continue
+        yield key, value
     ctx.coords = ("", -1, -1)
 
 
@@ -440,6 +485,11 @@ class Executor:
                 if key not in cg:
                     cg[key] = tuple([] for _ in range(sides))
                 cg[key][side].append(v)
+        if n.args.get("table"):  # the table's partition of this batch, read in place
+            table = _state_of(fetch(f"rd/{n.parents[1].id}/{spec.batch}/{spec.part}", -1))
+            for key, (_left, right) in cg.items():
+                if key in table:
+                    right.append(table[key])
         if k == "cogroup":
             return list(cg.items())
         return _join(n.args["how"], cg)
@@ -495,15 +545,20 @@ class Executor:
         prev: dict[Any, Any] = {}
         for bid, bucket in spec.inputs:
             if bid.startswith("rd/"):
-                got = fetch(bid, bucket)
-                prev = (
-                    got.state if isinstance(got, StateBlock) else StateBlock.from_bytes(got).state
-                )
+                prev = _state_of(fetch(bid, bucket))
         mode = n.args["mode"]
         fn = n.args["fn"]
-        state = dict(prev)
+        state = prev if mode == "table" else dict(prev)
         changes: list[Any] = []
-        if mode == "running_reduce":
+        if mode == "table":
+            updates = [kv for _, r in self._buckets(spec, fetch) for kv in r]
+            if spec.batch == self.first:
+                state = base_partition(n.args["base"], spec.part, self.plan.nparts[n.id])
+            elif updates:
+                state = dict(prev)
+            # else: unchanged, the block shares the previous partition's dict (never mutated)
+            changes = apply_updates(state, updates)
+        elif mode == "running_reduce":
             batch: dict[Any, Any] = {}
             for _, r in self._buckets(spec, fetch):
                 for key, v in r:
@@ -601,6 +656,11 @@ def _fold(records: Iterable[Any], fn: Any, ctx: _Ctx, name: str) -> list[Any]:
         else:
             acc.append(x)
     return acc
+
+
+def _state_of(got: Any) -> dict[Any, Any]:
+    """The state dict of a state partition, held (a StateBlock) or fetched as bytes."""
+    return got.state if isinstance(got, StateBlock) else StateBlock.from_bytes(got).state
 
 
 def _snapshot_items(state_node: Node, blk: StateBlock) -> list[Any]:

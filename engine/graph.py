@@ -12,6 +12,7 @@ and ``dstream verify`` read.
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,15 @@ from engine.errors import GraphError
 TIMEOUT = object()
 
 _VALUE_FORMATS = ("json", "msgpack", "raw")
+
+#: A stream name given with ``DStream.name``: safe in a URL path, a CLI argument and a
+#: metric label; never the ``kind#id`` form of a default name.
+_STREAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,99}")
+
+
+def is_stream_name(name: str) -> bool:
+    """Whether *name* is one a user gave with ``DStream.name`` (not a default label)."""
+    return bool(_STREAM_NAME.fullmatch(name))
 
 
 def _check_callable(op: str, name: str, fn: Any) -> None:
@@ -83,6 +93,33 @@ class DStream:
     @property
     def node(self) -> Node:
         return self._node
+
+    def name(self, name: str) -> DStream:
+        """Name this stream; returns it (``counts = pairs.running_reduce(add).name("counts")``).
+
+        The name labels the stream in metrics, errors and dead letters, and a stateful
+        stream's state (``running_reduce``, ``update_state_by_key``, ``track``,
+        ``reduce_by_key_and_window``, ``window``) can be read by it while the app runs:
+        ``dstream query`` and ``GET /api/state/{name}``. A named window keeps its last
+        window's blocks until the next window completes, so that it can be read.
+
+        Raises:
+            GraphError: the name is not 1-100 letters, digits, ``_`` or ``-`` (starting
+                with a letter or ``_``), or another stream of the app has it.
+
+        """
+        if not isinstance(name, str) or not _STREAM_NAME.fullmatch(name):
+            msg = (
+                f"name: a stream name is 1-100 letters, digits, '_' or '-', starting with a "
+                f"letter or '_'; got {name!r}"
+            )
+            raise GraphError(msg)
+        for n in self._ssc.nodes:
+            if n.name == name and n is not self._node:
+                msg = f"name: another stream is already named {name!r} ({n.kind}#{n.id})"
+                raise GraphError(msg)
+        self._node.name = name
+        return self
 
     def _new(self, kind: str, parents: Sequence[DStream], **args: Any) -> DStream:
         for p in parents:
@@ -154,8 +191,31 @@ class DStream:
         return self._new("cogroup", [self, *others], num_partitions=n)
 
     def _join(self, other: DStream, how: str, num_partitions: int | None) -> DStream:
+        if _is_table(self._node) or _is_table(other._node):
+            return self._table_join(other, how, num_partitions)
         n = self._ssc._partitions(how, num_partitions)
         return self._new("join", [self, other], how=how, num_partitions=n)
+
+    def _table_join(self, table: DStream, how: str, num_partitions: int | None) -> DStream:
+        """A stream joined with a table (``ssc.table``): reads the table's partitions in place.
+
+        The join of batch t sees the table as of the end of batch t (its updates of batch t
+        included); the join has the table's partition count, so the table is not shuffled.
+        """
+        if _is_table(self._node) or how not in ("join", "left_outer_join"):
+            msg = (
+                f"{how}: a table joins only as the right side of join or left_outer_join "
+                "(stream.join(table)); use table.snapshot() for other joins"
+            )
+            raise GraphError(msg)
+        n = table._node.args["num_partitions"]
+        if num_partitions is not None and num_partitions != n:
+            msg = (
+                f"{how}: a join with a table has the table's {n} partitions, got "
+                f"num_partitions={num_partitions}; give the table num_partitions={num_partitions}"
+            )
+            raise GraphError(msg)
+        return self._new("join", [self, table], how=how, num_partitions=n, table=True)
 
     def join(self, other: DStream, num_partitions: int | None = None) -> DStream:
         return self._join(other, "join", num_partitions)
@@ -376,6 +436,10 @@ class DStream:
         )
 
 
+def _is_table(n: Node) -> bool:
+    return n.kind == "state" and n.args.get("mode") == "table"
+
+
 def _zero_key(x: Any) -> tuple[int, Any]:
     return 0, x
 
@@ -447,7 +511,8 @@ class StreamingContext:
     def _check_slides(self, kind: str, parents: tuple[Node, ...], args: dict[str, Any]) -> int:
         """The slide (in batches) of a new node; GraphError when its inputs' slides clash."""
         iv = self.batch_interval
-        pp = [self._slides[p.id] for p in parents]
+        # a table has a state every batch: a join with one takes the stream's slide
+        pp = [self._slides[p.id] for p in (parents[:1] if args.get("table") else parents)]
         if len(set(pp)) > 1:
             shown = ", ".join(f"{x * iv:g}s" for x in pp)
             msg = (
@@ -472,14 +537,19 @@ class StreamingContext:
         self,
         topics: str | Sequence[str],
         value_format: str = "json",
-        start: str = "earliest",
+        start: Any = "earliest",
         with_metadata: bool = False,
+        stop: Any = None,
     ) -> DStream:
         """Records of Kafka *topics*, decoded with *value_format* (json, msgpack or raw).
 
         With ``with_metadata`` each record is a dict with ``key``, ``value``, ``topic``,
         ``partition``, ``offset`` and ``timestamp`` (ms). ``start="latest"`` skips history
-        on the app's first run; an app that ran before always resumes after its last batch.
+        on the app's first run, ``start="2026-11-30T12:00:00Z"`` (or an aware datetime)
+        starts at the first record stamped at or after it; an app that ran before always
+        resumes after its last batch. ``stop="end"`` (the end offsets when the run starts)
+        or ``stop=TIMESTAMP`` makes the run bounded: it exits once every partition of
+        every bounded source was processed up to there (see :mod:`engine.bounds`).
         """
         names = [topics] if isinstance(topics, str) else list(topics)
         if not names or not all(isinstance(t, str) and t for t in names):
@@ -490,9 +560,12 @@ class StreamingContext:
                 f"kafka_stream: value_format must be one of {_VALUE_FORMATS}, got {value_format!r}"
             )
             raise GraphError(msg)
-        if start not in ("earliest", "latest"):
-            msg = f"kafka_stream: start must be 'earliest' or 'latest', got {start!r}"
-            raise GraphError(msg)
+        from engine.bounds import parse_start, parse_stop
+
+        start_bound = parse_start(start)
+        stop_bound = parse_stop(stop)
+        if start_bound.kind != "time":
+            start = start_bound.kind
         return self._add(
             "source",
             (),
@@ -502,6 +575,8 @@ class StreamingContext:
                 "value_format": value_format,
                 "start": start,
                 "with_metadata": with_metadata,
+                "start_bound": start_bound,
+                "stop_bound": stop_bound,
             },
         )
 
@@ -513,6 +588,63 @@ class StreamingContext:
             "source",
             (),
             {"source": "queue", "batches": [list(b) for b in batches], "default": list(default)},
+        )
+
+    def table(
+        self,
+        topic: str | None = None,
+        *,
+        path: str | None = None,
+        updates: DStream | None = None,
+        value_format: str = "json",
+        num_partitions: int | None = None,
+    ) -> DStream:
+        """A keyed table that streams join with: ``stream.join(table)``, ``left_outer_join``.
+
+        The table is a stateful stream (last write wins, None deletes) whose state at batch
+        t is the file's content plus every update up to and including batch t; the join of
+        batch t sees that state. Used as a stream it gives its changelog; ``.snapshot()``
+        the whole table.
+
+        Args:
+            topic: a (compacted) Kafka topic: key = the record key decoded as UTF-8, value
+                decoded with *value_format*; a null value (tombstone) deletes the key. Read
+                from the earliest offset on the app's first run, then followed.
+            path: a file of JSON lines ``{"key": ..., "value": ...}``, loaded once when the
+                graph is built (the table's content at the app's first batch; a null value
+                deletes the key of an earlier line).
+            updates: instead of *topic*, any stream of ``(key, value)`` records (a
+                ``queue_stream`` in tests); value None deletes the key.
+            value_format: json, msgpack or raw, for *topic*.
+            num_partitions: the table's partitions (default: the context's); a join with
+                the table has as many.
+
+        """
+        from engine.tables import load_json_lines
+
+        if topic is not None and updates is not None:
+            msg = "table: give topic or updates, not both"
+            raise GraphError(msg)
+        if topic is None and path is None and updates is None:
+            msg = "table: give a topic, a path to a JSON-lines file, or an updates stream"
+            raise GraphError(msg)
+        base = load_json_lines(path) if path is not None else {}
+        parents: tuple[Node, ...] = ()
+        if topic is not None:
+            src = self.kafka_stream(topic, value_format=value_format, with_metadata=True)
+            src.node.args["table"] = True  # the source yields (key, value) records
+            parents = (src.node,)
+        elif updates is not None:
+            if updates._ssc is not self:
+                msg = "table: updates belong to another StreamingContext"
+                raise GraphError(msg)
+            if self._slides[updates.node.id] != 1:
+                msg = "table: updates must be a stream with a batch every interval, not a window"
+                raise GraphError(msg)
+            parents = (updates.node,)
+        n = self._partitions("table", num_partitions)
+        return self._add(
+            "state", parents, {"mode": "table", "fn": None, "base": base, "num_partitions": n}
         )
 
     def validate(self) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import GraphError
-from engine.graph import Node
+from engine.graph import Node, is_stream_name
 
 NARROW = frozenset({"map", "flat_map", "filter", "map_values", "flat_map_values"})
 SHUFFLE = frozenset(
@@ -149,7 +149,8 @@ class Plan:
     def _derive(self, n: Node, source_partitions: dict[int, int]) -> None:
         k = n.kind
         parents = n.parents
-        pp = [self.period[p.id] for p in parents]
+        # a join with a table (engine.tables) takes the stream's slide: tables emit every batch
+        pp = [self.period[p.id] for p in (parents[:1] if n.args.get("table") else parents)]
         if len(set(pp)) > 1:
             msg = (
                 f"{n.name}: inputs have different slide intervals ({pp} batches); "
@@ -176,6 +177,9 @@ class Plan:
         elif k in SHUFFLE:
             parts = n.args["num_partitions"]
             self.boundary.add(n.id)
+            if k == "join" and n.args.get("table") and self.nparts[parents[1].id] != parts:
+                msg = f"{n.name}: a join with a table needs the table's partition count"
+                raise GraphError(msg)
         elif k in ("window", "window_combine"):
             w, s = n.args["window"], n.args["slide"]
             if w % period or s % period:
@@ -214,6 +218,13 @@ class Plan:
                 keep[n.parents[0].id] = max(keep[n.parents[0].id], lookback)
             elif n.kind == "state":
                 keep[n.id] = max(keep[n.id], self.period[n.id])
+            if n.kind in ("window", "window_combine") and is_stream_name(n.name):
+                # a named window answers queries (engine.query) as of its last window: its
+                # blocks stay until the next window completes, one slide later
+                s = n.args["slide"]
+                keep[n.id] = max(keep[n.id], s)
+                if n.kind == "window":  # read from its input's blocks, unless persisted
+                    self._extend_keep(keep, n.parents[0], n.args["window"] - 1 + s)
         return keep
 
     def _extend_keep(self, keep: dict[int, int], n: Node, lookback: int) -> None:
@@ -287,7 +298,10 @@ class Plan:
     def _shuffle_tasks(self, n: Node, b: int, first: int) -> list[TaskSpec]:
         tasks: list[TaskSpec] = []
         map_ids: list[str] = []
+        table = n.parents[1].id if n.kind == "join" and n.args.get("table") else None
         for side, parent in enumerate(n.parents):
+            if side == 1 and table is not None:
+                continue  # the table is read in place, partition p by reduce task p
             for m in range(self.nparts[parent.id]):
                 tid = f"sh/{n.id}/{side}/{b}/{m}"
                 map_ids.append(tid)
@@ -308,6 +322,8 @@ class Plan:
             prev = b - self.period[n.id]
             if n.kind == "state" and prev >= first:
                 inputs.append((f"rd/{n.id}/{prev}/{p}", -1))
+            if table is not None:
+                inputs.append((f"rd/{table}/{b}/{p}", -1))
             tasks.append(
                 TaskSpec(
                     f"rd/{n.id}/{b}/{p}", "result", n.id, 0, b, p, tuple(inputs), f"reduce:{n.id}"

@@ -131,6 +131,9 @@ class ReferenceRunner:
             if k == "cogroup":
                 return [(kk, tuple(g.get(kk, []) for g in groups)) for kk in keys]
             how = a["how"]
+            if a.get("table"):  # the table as of the end of this batch (evaluated before)
+                table = self.states.get(n.parents[1].id, {})
+                groups[1] = {kk: [table[kk]] for kk in groups[0] if kk in table}
             out: list[Any] = []
             for kk in keys:
                 left, right = groups[0].get(kk, []), groups[1].get(kk, [])
@@ -152,6 +155,8 @@ class ReferenceRunner:
             return [x for batch in self._window(n, b - a["window"], b) for x in batch]
         if k == "window_reduce":
             return self._window_reduce(n, b)
+        if k == "state" and a["mode"] == "table":
+            return self._table(n, b, ins[0] if ins else [])
         if k == "state":
             return self._state(n, b, ins[0])
         if k == "snapshot":
@@ -187,6 +192,29 @@ class ReferenceRunner:
             items = [kv for kv in items if a["filter_fn"](kv)]
         self.states[n.id] = dict(items)
         return items
+
+    def _table(self, n: Node, b: int, records: list[Any]) -> list[Any]:
+        """A table: the file's content at the first batch, then last write wins, None deletes.
+
+        The changelog has, per key updated in the batch, its final value (None when a key
+        that existed before the batch was deleted).
+        """
+        if b == self.first:
+            self.states[n.id] = dict(n.args["base"])
+        st = self.states[n.id]
+        existed = {kk: kk in st for kk, _ in records}
+        for kk, v in records:
+            if v is None:
+                st.pop(kk, None)
+            else:
+                st[kk] = v
+        changes: list[Any] = []
+        for kk in dict.fromkeys(kk for kk, _ in records):
+            if kk in st:
+                changes.append((kk, st[kk]))
+            elif existed[kk]:
+                changes.append((kk, None))
+        return changes
 
     def _state(self, n: Node, b: int, records: list[Any]) -> list[Any]:
         a = n.args

@@ -6,6 +6,11 @@ that worker, free these blocks, a batch completed). It does no I/O and reads no 
 caller passes ``now``. Lineage lives here: a needed block with no live holder is recomputed
 by re-running the task that produced it (or, for an input block, re-read from Kafka).
 
+Readiness is event-driven and costs O(1) per event whatever the fleet's size: a task
+waiting for blocks is parked until they arrive; a reduce waits on a counter of its map
+stage's available outputs (as Spark's ``MapOutputTracker`` tracks a shuffle), not on each
+of them, and a lost map output re-blocks the stage's reduces until it is rebuilt.
+
 Public: its callers are :class:`engine.local.LocalRunner`, the coordinator (``ops``) and the
 scale benchmark; they feed it events and carry out its instructions (:class:`LaunchTask`,
 :class:`ReadInput`, :class:`FreeBlocks`, :class:`BatchCompleted`, ...).
@@ -13,11 +18,15 @@ scale benchmark; they feed it events and carry out its instructions (:class:`Lau
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import itertools
 import statistics
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from engine._sched_index import InputSplit, SlotIndex, shuffle_group, split_inputs
 from engine.plan import Plan, TaskSpec, block_batch
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
@@ -30,6 +39,9 @@ SUSPECT_SECONDS = 5.0
 LOCALITY_MAX_INPUTS = 32
 #: Pseudo-holder of state blocks that can be loaded from the checkpoint store.
 CHECKPOINT = "@checkpoint"
+#: Completed batch numbers kept in ``Scheduler.completed`` (status and debugging only):
+#: bounded, so that a coordinator running for weeks keeps a flat memory profile.
+KEEP_COMPLETED = 100
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,10 @@ class _Task:
     #: the scheduler's loss count when the task was parked: if no block was lost since,
     #: a task woken with nothing awaited is known ready without scanning its inputs again
     parked_at_loss: int = -1
+    #: in the launch queue (``Scheduler._queue``)
+    queued: bool = False
+    #: one of the tasks of a live batch (counted in its ``_Batch.left``), not lineage
+    member: bool = False
 
 
 @dataclass
@@ -111,6 +127,8 @@ class _Batch:
     outputs_left: set[str]
     start: float
     first_launch: float | None = None
+    #: tasks of the batch not DONE
+    left: int = 0
 
 
 @dataclass
@@ -141,35 +159,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(70_000, 20, 20)
-
-
-class _Free:
-    """Free slots per live worker, read from ``slots`` and ``busy`` when asked.
-
-    A tick used to copy this into a dict (O(workers) per tick, and a tick follows every
-    finished task); launching a task bumps ``busy``, so the view stays current by itself.
-    """
-
-    __slots__ = ("busy", "slots")
-
-    def __init__(self, slots: dict[str, int], busy: dict[str, int]) -> None:
-        self.slots = slots
-        self.busy = busy
-
-    def get(self, w: str, default: int = 0) -> int:
-        n = self.slots.get(w)
-        return default if n is None else n - self.busy.get(w, 0)
-
-    def __getitem__(self, w: str) -> int:
-        return self.slots[w] - self.busy.get(w, 0)
-
-    def items(self) -> Iterable[tuple[str, int]]:
-        busy = self.busy
-        return ((w, n - busy.get(w, 0)) for w, n in self.slots.items())
-
-    def any(self) -> bool:
-        busy = self.busy
-        return any(n > busy.get(w, 0) for w, n in self.slots.items())
 
 
 class Scheduler:
@@ -211,8 +200,10 @@ class Scheduler:
         self.multiplier = multiplier
         self.quantile = quantile
         self.min_straggler_seconds = min_straggler_seconds
-        self.slots: dict[str, int] = {}
-        self._top_slots = 0
+        #: free slots per live worker; ``slots`` and ``busy`` are its dicts
+        self._free = SlotIndex()
+        self.slots: dict[str, int] = self._free.slots
+        self.busy: dict[str, int] = self._free.busy
         #: bumped whenever a block location changes (invalidates ``_reduce_locs``)
         self._loc_version = 0
         #: the last reduce's launch locations: (node, batch, inputs), location version, the
@@ -220,15 +211,20 @@ class Scheduler:
         self._reduce_locs: (
             tuple[tuple[int, int, int], int, dict[str, list[str]], tuple[int, ...]] | None
         ) = None
-        self.busy: dict[str, int] = {}
         self.tasks: dict[str, _Task] = {}
         self.batches: dict[int, _Batch] = {}
         self.locations: dict[str, set[str]] = {}
         self.sizes: dict[str, int] = {}
+        #: the latest completed batches (trimmed to the last ``KEEP_COMPLETED``)
         self.completed: list[int] = []
+        self._max_completed: int | None = None
         self.stats = SchedulerStats()
         self._reading: set[str] = set()
         self._empty: list[int] = []
+        #: ids in ``locations`` per batch (input blocks apart): freeing walks only the
+        #: batches that may go, not every block held (inputs stay for many batches)
+        self._held: dict[int, list[str]] = {}
+        self._held_inputs: dict[int, list[str]] = {}
         #: tasks re-planned to rebuild blocks of batches no longer in ``batches``
         self.lineage: dict[str, _Task] = {}
         #: last complete checkpoint batch per (node, partition)
@@ -238,10 +234,26 @@ class Scheduler:
         #: ``_blocked`` instead, and come back when that block arrives (event-driven
         #: readiness: a tick costs O(ready tasks), not O(all pending tasks))
         self._pending: dict[str, _Task] = {}
-        self._pending_sorted = True
+        #: the pending tasks in launch order, (not lineage, batch, seq, task): recovery
+        #: first, then older batches; entries of tasks no longer pending are skipped
+        self._queue: list[tuple[bool, int, int, _Task]] = []
+        self._seq = itertools.count()
         self._losses = 0
         self._blocked: dict[str, _Task] = {}
+        #: parked tasks per awaited block
         self._waiters: dict[str, list[_Task]] = {}
+        #: stage-level waiting: parked reduces per map stage (``sh/{node}/{side}/{batch}``)
+        #: and per count of its outputs they read, woken when that many are available
+        self._group_waiters: dict[str, dict[int, list[_Task]]] = {}
+        #: map outputs with a live holder, per map stage
+        self._avail: dict[str, int] = {}
+        #: the loss count at which a stage's missing outputs were last looked for lost ones
+        self._group_checked: dict[str, int] = {}
+        #: the inputs of the reduces of (node, batch, len(inputs)) as whole map stages
+        self._splits: dict[tuple[int, int, int], InputSplit | None] = {}
+        #: tasks running now, and per (stage, batch): task count and finished durations
+        self._running: dict[str, _Task] = {}
+        self._stages: dict[tuple[str, int], tuple[int, dict[str, float]]] = {}
         self._last_speculation = float("-inf")
         self._sorted_workers: list[str] | None = None
         #: worker that last committed each output partition: its transactional producer is
@@ -253,38 +265,140 @@ class Scheduler:
         #: after the fact costs a straggler threshold per batch)
         self.suspects: dict[str, float] = {}
         self._avoid: frozenset[str] = frozenset()
+        #: when the earliest suspicion ends (the set avoided is refreshed then)
+        self._suspects_expire = float("-inf")
+        #: ready output tasks waiting for a free slot on their pinned worker
+        self._home_waiters: dict[str, list[_Task]] = {}
 
     def _set(self, t: _Task, status: str) -> None:
-        """Change a task's status, keeping the index of pending tasks in step."""
+        """Change a task's status, keeping the indexes (pending, running, batch) in step."""
+        old = t.status
         t.status = status
-        self._blocked.pop(t.spec.id, None)
-        t.blocked = False
+        tid = t.spec.id
+        if t.blocked:
+            self._blocked.pop(tid, None)
+            t.blocked = False
         if status == PENDING:
-            self._pending[t.spec.id] = t
-            self._pending_sorted = False
+            self._pending[tid] = t
+            self._enqueue(t)
         else:
-            self._pending.pop(t.spec.id, None)
+            self._pending.pop(tid, None)
+        if status == RUNNING:
+            self._running[tid] = t
+        else:
+            self._running.pop(tid, None)
+        if t.member and (old == DONE) != (status == DONE):
+            batch = self.batches.get(t.spec.batch)
+            if batch is not None:
+                batch.left += 1 if old == DONE else -1
 
-    def _block(self, t: _Task, missing: list[str]) -> None:
-        """Park a pending task until every block in *missing* is added."""
+    def _release(self, w: str) -> None:
+        """An attempt on *w* ended: a slot is free, outputs pinned to *w* may go."""
+        self._free.release(w)
+        waiting = self._home_waiters.pop(w, None)
+        if waiting:
+            for t in waiting:
+                self._enqueue(t)
+
+    def _enqueue(self, t: _Task) -> None:
+        if not t.queued:
+            t.queued = True
+            key = (t.spec.id not in self.lineage, t.spec.batch, next(self._seq), t)
+            heapq.heappush(self._queue, key)
+
+    def _split_of(self, spec: TaskSpec) -> InputSplit | None:
+        """A reduce's inputs as whole map stages (cached per node and batch), else None."""
+        inputs = spec.inputs
+        if spec.kind != "result" or not inputs or not inputs[0][0].startswith("sh/"):
+            return None
+        key = (spec.node, spec.batch, len(inputs))
+        if key in self._splits:
+            split = self._splits[key]
+        else:
+            split = self._splits[key] = split_inputs(inputs)
+        if split is not None and not split.matches(inputs):
+            return split_inputs(inputs)
+        return split
+
+    def _block(self, t: _Task, missing: list[str], groups: list[tuple[str, int]]) -> None:
+        """Park a pending task until its missing blocks and map stages are available.
+
+        It waits on each block in *missing* and on a counter per map stage in *groups*
+        (``(stage, outputs read)``), not on each of that stage's outputs.
+        """
         t.blocked = True
         t.parked_at_loss = self._losses
         waits = set(missing)
-        t.awaiting = len(waits)
+        t.awaiting = len(waits) + len(groups)
         self._pending.pop(t.spec.id, None)
         self._blocked[t.spec.id] = t
         for bid in waits:
             self._waiters.setdefault(bid, []).append(t)
+        for g, n in groups:
+            self._group_waiters.setdefault(g, {}).setdefault(n, []).append(t)
+
+    def _unpark(self, t: _Task, rescan: bool = False) -> None:
+        t.blocked = False
+        if rescan:
+            t.parked_at_loss = -1
+        self._blocked.pop(t.spec.id, None)
+        self._pending[t.spec.id] = t
+        self._enqueue(t)
 
     def _wake(self, bid: str) -> None:
         for t in self._waiters.pop(bid, ()):
             if t.blocked and t.status == PENDING:
                 t.awaiting -= 1
                 if t.awaiting <= 0:
-                    t.blocked = False
-                    self._blocked.pop(t.spec.id, None)
-                    self._pending[t.spec.id] = t
-                    self._pending_sorted = False
+                    self._unpark(t)
+
+    def _now_available(self, bid: str) -> None:
+        """*bid* got its first live holder: count it for its map stage, wake the reduces."""
+        g = shuffle_group(bid)
+        if g is None:
+            return
+        n = self._avail[g] = self._avail.get(g, 0) + 1
+        by_count = self._group_waiters.get(g)
+        if by_count:
+            for t in by_count.pop(n, ()):
+                if t.blocked and t.status == PENDING:
+                    t.awaiting -= 1
+                    if t.awaiting <= 0:
+                        self._unpark(t)
+            if not by_count:
+                del self._group_waiters[g]
+
+    def _now_unavailable(self, bid: str) -> None:
+        """*bid* lost its last holder: a lost map output re-blocks the reduces of its stage.
+
+        Parked reduces of that stage look again at the next tick, which has the lost
+        output rebuilt (they would otherwise wait for a count that never comes).
+        """
+        g = shuffle_group(bid)
+        if g is None:
+            return
+        n = self._avail.get(g, 0) - 1
+        if n > 0:
+            self._avail[g] = n
+        else:
+            self._avail.pop(g, None)
+        for waiting in self._group_waiters.pop(g, {}).values():
+            for t in waiting:
+                if t.blocked and t.status == PENDING:
+                    self._unpark(t, rescan=True)
+
+    def _lost_in_group(self, g: str, count: int) -> list[str]:
+        """Outputs of map stage *g* with no live holder and no attempt on its way."""
+        locs, tasks, lineage = self.locations, self.tasks, self.lineage
+        out: list[str] = []
+        for m in range(count):
+            bid = f"{g}/{m}"
+            if locs.get(bid):
+                continue
+            p = tasks.get(bid) or lineage.get(bid)
+            if p is None or p.status == DONE:
+                out.append(bid)
+        return out
 
     def _wake_all(self) -> None:
         """Membership or checkpoints changed: every parked task looks again."""
@@ -292,16 +406,15 @@ class Scheduler:
             t.blocked = False
             t.parked_at_loss = -1
             self._pending[t.spec.id] = t
-            self._pending_sorted = False
+            self._enqueue(t)
         self._blocked.clear()
         self._waiters.clear()
+        self._group_waiters.clear()
 
     # -- membership ------------------------------------------------------------------------
     def add_worker(self, worker: str, slots: int) -> None:
         self._sorted_workers = None
-        self.slots[worker] = slots
-        self._top_slots = max(self.slots.values())
-        self.busy.setdefault(worker, 0)
+        self._free.add(worker, slots)
 
     def remove_worker(self, worker: str) -> list[Instruction]:
         """A worker is gone: its blocks are lost, its running attempts rerun elsewhere.
@@ -309,10 +422,10 @@ class Scheduler:
         Input blocks it shared with a peer are copied again so that every input block
         still needed has two holders (lost state is rebuilt from lineage instead).
         """
-        self.slots.pop(worker, None)
-        self._top_slots = max(self.slots.values(), default=0)
+        self._free.remove(worker)
+        for t in self._home_waiters.pop(worker, ()):
+            self._enqueue(t)  # its output partition moves to another worker
         self._sorted_workers = None
-        self.busy.pop(worker, None)
         self.suspects.pop(worker, None)
         self._losses += 1
         self._loc_version += 1
@@ -323,12 +436,17 @@ class Scheduler:
         for bid, holders in self.locations.items():
             if worker in holders:
                 holders.discard(worker)
-                if bid.startswith("in/") and len(holders) == 1 and len(live) > 1:
+                if not holders:
+                    self._now_unavailable(bid)
+                elif bid.startswith("in/") and len(holders) == 1 and len(live) > 1:
                     (src,) = holders
-                    others = [w for w in live if w != src]
-                    target = others[zlib.crc32(bid.encode()) % len(others)]
-                    out.append(Replicate(bid, src, target))
-        for t in [*self.tasks.values(), *self.lineage.values()]:
+                    # the live worker after the source in a ring of the others, picked by
+                    # the block's hash (O(log W), not a copy of the worker list per block)
+                    i = zlib.crc32(bid.encode()) % (len(live) - 1)
+                    j = bisect.bisect_left(live, src)
+                    out.append(Replicate(bid, src, live[i if i < j else i + 1]))
+        # only running attempts can be on the lost worker
+        for t in list(self._running.values()):
             lost = [a for a, (w, _) in t.attempts.items() if w == worker]
             for a in lost:
                 del t.attempts[a]
@@ -350,10 +468,18 @@ class Scheduler:
     def block_added(self, block_id: str, worker: str, size: int = 0) -> None:
         self._reading.discard(block_id)
         if worker in self.slots:
-            self.locations.setdefault(block_id, set()).add(worker)
+            holders = self.locations.get(block_id)
+            if holders is None:
+                holders = self.locations[block_id] = set()
+                by_batch = self._held_inputs if block_id.startswith("in/") else self._held
+                by_batch.setdefault(block_batch(block_id), []).append(block_id)
+            first = not holders
+            holders.add(worker)
             self._loc_version += 1
             if size:
                 self.sizes[block_id] = size
+            if first:
+                self._now_available(block_id)
             self._wake(block_id)
 
     def read_failed(self, block_id: str) -> None:
@@ -361,16 +487,16 @@ class Scheduler:
         self._reading.discard(block_id)
         for t in self._waiters.pop(block_id, ()):
             if t.blocked and t.status == PENDING:
-                t.blocked = False
-                t.parked_at_loss = -1
-                self._blocked.pop(t.spec.id, None)
-                self._pending[t.spec.id] = t
-                self._pending_sorted = False
+                self._unpark(t, rescan=True)
 
     def block_lost(self, block_id: str, worker: str) -> None:
         """A fetch found *block_id* missing on *worker*."""
         self._losses += 1
-        self.locations.get(block_id, set()).discard(worker)
+        holders = self.locations.get(block_id)
+        if holders and worker in holders:
+            holders.discard(worker)
+            if not holders:
+                self._now_unavailable(block_id)
         self._loc_version += 1
 
     def locations_of(self, spec: TaskSpec) -> dict[str, list[str]]:
@@ -379,22 +505,25 @@ class Scheduler:
         Hot: a reduce reads every map output of its batch, and every reduce partition reads
         the same ones. Their holders are computed once per (node, batch) and reused until
         any block location changes (a tick launches all the reduces with none changing).
+        A reduce that reads nothing else gets that shared dict itself: callers only read
+        the returned dict (it is never changed after it is handed out).
         """
         inputs = spec.inputs
-        if spec.kind == "result" and len(inputs) > LOCALITY_MAX_INPUTS:
-            # every reduce partition of (node, batch) reads the same map outputs, at the
-            # same positions of its inputs; only its other inputs (previous state) differ
+        split = self._split_of(spec) if len(inputs) > LOCALITY_MAX_INPUTS else None
+        if split is not None:
+            # every reduce partition of (node, batch) reads the same map outputs; only its
+            # other inputs (previous state) differ
             key = (spec.node, spec.batch, len(inputs))
             hit = self._reduce_locs
             if hit is None or hit[0] != key or hit[1] != self._loc_version:
-                shuffled = [x for x in inputs if x[0].startswith("sh/")]
-                others = tuple(i for i, x in enumerate(inputs) if not x[0].startswith("sh/"))
-                hit = self._reduce_locs = (
-                    key,
-                    self._loc_version,
-                    self._locations(shuffled),
-                    others,
-                )
+                shuffled = {
+                    bid: list(self.locations.get(bid, ()))
+                    for g, count, _ in split.groups
+                    for bid in (f"{g}/{m}" for m in range(count))
+                }
+                hit = self._reduce_locs = (key, self._loc_version, shuffled, split.others)
+            if not hit[3]:
+                return hit[2]
             out = dict(hit[2])
             out.update(self._locations(inputs[i] for i in hit[3]))
             return out
@@ -432,15 +561,18 @@ class Scheduler:
         specs = self.plan.tasks_for_batch(b, self.first)
         ids: list[str] = []
         outputs: set[str] = set()
-        if any(p.spec.batch > b for p in self._pending.values()):
-            self._pending_sorted = False
+        stages: dict[str, int] = {}
         for s in specs:
-            self.tasks[s.id] = task = _Task(s)
+            self.tasks[s.id] = task = _Task(s, member=True)
             self._pending[s.id] = task
+            self._enqueue(task)
             ids.append(s.id)
+            stages[s.stage] = stages.get(s.stage, 0) + 1
             if s.kind == "output":
                 outputs.add(s.id)
-        self.batches[b] = _Batch(ids, outputs, now)
+        for stage, n in stages.items():
+            self._stages[(stage, b)] = (n, {})
+        self.batches[b] = _Batch(ids, outputs, now, left=len(ids))
         if not ids:  # nothing to run (a window between slide ends): complete on next tick
             self._empty.append(b)
         return specs
@@ -489,13 +621,16 @@ class Scheduler:
         if t.spec.kind == "output" and t.committer != attempt:
             return out
         w, t0 = t.attempts.pop(attempt)
-        self.busy[w] = max(0, self.busy.get(w, 1) - 1)
+        self._release(w)
         self._set(t, DONE)
         t.duration = now - t0
+        stage = self._stages.get((t.spec.stage, t.spec.batch)) if t.member else None
+        if stage is not None:
+            stage[1][task_id] = t.duration
         if attempt in t.speculative_attempts:
             self.stats.speculative_won += 1
         for a, (ow, _) in t.attempts.items():
-            self.busy[ow] = max(0, self.busy.get(ow, 1) - 1)
+            self._release(ow)
             out.append(CancelTask(task_id, ow, a))
         t.attempts.clear()
         if t.spec.kind != "output":
@@ -505,9 +640,7 @@ class Scheduler:
         batch = self.batches.get(t.spec.batch)
         if batch is not None:
             batch.outputs_left.discard(task_id)
-            if not batch.outputs_left and all(
-                self.tasks[x].status == DONE for x in batch.tasks if x in self.tasks
-            ):
+            if not batch.outputs_left and batch.left == 0:
                 out.extend(self._complete(t.spec.batch))
         return out
 
@@ -537,7 +670,7 @@ class Scheduler:
         if t is None or attempt not in t.attempts:
             return
         w, _ = t.attempts.pop(attempt)
-        self.busy[w] = max(0, self.busy.get(w, 1) - 1)
+        self._release(w)
         if t.committer == attempt:
             t.committer = None
         if t.status == RUNNING and not t.attempts:
@@ -549,6 +682,10 @@ class Scheduler:
 
     def _complete(self, b: int) -> list[Instruction]:
         self.completed.append(b)
+        if len(self.completed) > 2 * KEEP_COMPLETED:
+            del self.completed[:-KEEP_COMPLETED]
+        if self._max_completed is None or b > self._max_completed:
+            self._max_completed = b
         out: list[Instruction] = [BatchCompleted(b)]
         done_upto = self.done_upto()
         # forget finished batches and free what no later batch reads
@@ -556,31 +693,73 @@ class Scheduler:
             if ob > done_upto:
                 break
             for x in self.batches.pop(ob).tasks:
-                self.tasks.pop(x, None)
+                t = self.tasks.pop(x, None)
+                if t is not None:
+                    t.member = False
                 self._pending.pop(x, None)
                 self._blocked.pop(x, None)
+                self._running.pop(x, None)
+        for key in [k for k in self._stages if k[1] <= done_upto]:
+            del self._stages[key]
+        for skey in [k for k in self._splits if k[1] <= done_upto]:
+            del self._splits[skey]
+        self._group_checked.clear()
         # blocks of old batches that unfinished work still reads (a rebuilt lineage, the
-        # previous state of the next batch) stay, whatever their batch number says
-        needed = {
-            bid
-            for t in (*self.tasks.values(), *self.lineage.values())
-            if t.status != DONE
-            for bid, _ in t.spec.inputs
-            if block_batch(bid) <= done_upto
-        }
+        # previous state of the next batch) stay, whatever their batch number says; a
+        # reduce's map stages are named once each, not walked output by output
+        needed: set[str] = set()
+        needed_groups: set[str] = set()
+        for t in (*self.tasks.values(), *self.lineage.values()):
+            if t.status == DONE:
+                continue
+            inputs = t.spec.inputs
+            split = self._split_of(t.spec)
+            if split is None:
+                needed.update(bid for bid, _ in inputs if block_batch(bid) <= done_upto)
+                continue
+            if t.spec.batch <= done_upto:
+                needed_groups.update(g for g, _, _ in split.groups)
+            for i in split.others:
+                if block_batch(inputs[i][0]) <= done_upto:
+                    needed.add(inputs[i][0])
+        # old batches re-planned for a rebuild are dropped once no rebuild of theirs is
+        # left (at 1,000 workers one batch's task list is millions of input references)
+        rebuilding = {t.spec.batch for t in self.lineage.values() if t.status != DONE}
+        for pb in [x for x in self._plans if x not in rebuilding]:
+            del self._plans[pb]
         for tid in [x for x, t in self.lineage.items() if t.status == DONE]:
-            if self.plan.freeable(tid, done_upto) and tid not in needed:
+            if (
+                self.plan.freeable(tid, done_upto)
+                and tid not in needed
+                and shuffle_group(tid) not in needed_groups
+            ):
                 del self.lineage[tid]
         floor = self._input_floor(done_upto)
         per_worker: dict[str, list[str]] = {}
-        for bid in list(self.locations):
-            if bid.startswith("in/") and block_batch(bid) > floor:
-                continue
-            if self.plan.freeable(bid, done_upto) and bid not in needed:
-                self._loc_version += 1
-                for w in self.locations.pop(bid):
-                    per_worker.setdefault(w, []).append(bid)
-                self.sizes.pop(bid, None)
+        for by_batch, upto in ((self._held_inputs, floor), (self._held, done_upto)):
+            for hb in sorted(by_batch):
+                if hb > upto:
+                    break
+                kept: list[str] = []
+                for bid in by_batch.pop(hb):
+                    if bid not in self.locations:
+                        continue
+                    if (
+                        not self.plan.freeable(bid, done_upto)
+                        or bid in needed
+                        or (needed_groups and shuffle_group(bid) in needed_groups)
+                    ):
+                        kept.append(bid)
+                        continue
+                    self._loc_version += 1
+                    holders = self.locations.pop(bid)
+                    if holders:
+                        self._now_unavailable(bid)
+                    for w in holders:
+                        per_worker.setdefault(w, []).append(bid)
+                    self.sizes.pop(bid, None)
+                if kept:
+                    by_batch[hb] = kept
         for w, ids in sorted(per_worker.items()):
             out.append(FreeBlocks(w, tuple(sorted(ids))))
         return out
@@ -594,81 +773,112 @@ class Scheduler:
 
     def done_upto(self) -> int:
         """Every batch up to this one is complete (batches complete out of order)."""
-        pending = [
-            b
-            for b in self.batches
-            if self.batches[b].outputs_left
-            or any(self.tasks[x].status != DONE for x in self.batches[b].tasks if x in self.tasks)
-        ]
+        pending = [b for b, batch in self.batches.items() if batch.outputs_left or batch.left]
         if pending:
             return min(pending) - 1
-        return max(self.completed) if self.completed else self.first - 1
+        return self.first - 1 if self._max_completed is None else self._max_completed
 
     # -- launching -------------------------------------------------------------------------
     def tick(self, now: float) -> list[Instruction]:
-        """Launch ready tasks into free slots (locality first), then speculative copies."""
+        """Launch ready tasks into free slots (locality first), then speculative copies.
+
+        Costs O(tasks looked at x log pending): tasks come off a queue in launch order
+        (recovery first, then older batches) until no slot is free, so a tick after each
+        finished task does not walk every pending task.
+        """
         out: list[Instruction] = []
         while self._empty:
             out.extend(self._complete(self._empty.pop(0)))
-        free = _Free(self.slots, self.busy)
+        free = self._free
         if not free.any():
             return out
-        if self.suspects or self._avoid:
+        if (self.suspects or self._avoid) and now >= self._suspects_expire:
             for gone in [x for x, until in self.suspects.items() if until <= now]:
                 del self.suspects[gone]
             self._avoid = frozenset(self.suspects)
-        # lineage (recovery) tasks first, then by batch: older work unblocks newer work
-        if not self._pending_sorted:
-            order = sorted(
-                self._pending.values(),
-                key=lambda t: (t.spec.id not in self.lineage, t.spec.batch),
-            )
-            self._pending = {t.spec.id: t for t in order}
-            self._pending_sorted = True
-        for t in list(self._pending.values()):
-            if t.status != PENDING or t.blocked or t.not_before > now:
+            self._suspects_expire = min(self.suspects.values(), default=float("inf"))
+        queue = self._queue
+        later: list[_Task] = []  # pending, but not now (backoff, output order, busy home)
+        stopped = False
+        while queue:
+            t = heapq.heappop(queue)[3]
+            t.queued = False
+            if t.status != PENDING or t.blocked or self._pending.get(t.spec.id) is not t:
                 continue
-            if t.spec.kind == "output" and self._earlier_output_pending(t.spec):
+            if t.not_before > now or (
+                t.spec.kind == "output" and self._earlier_output_pending(t.spec)
+            ):
+                later.append(t)
                 continue
-            missing: list[str] = []
-            lost: list[str] = []
-            if t.awaiting != 0 or t.parked_at_loss != self._losses:
-                # (else: woken with everything it awaited, and nothing lost since)
-                # an input whose task is pending or running is on its way, not lost: only
-                # the others are walked (a reduce waits on every map output of its batch)
-                locs, tasks, lineage = self.locations, self.tasks, self.lineage
-                ckpt = bool(self.checkpoints)
-                for bid, _ in t.spec.inputs:
-                    if locs.get(bid) or (ckpt and self._checkpointed(bid)):
-                        continue
-                    missing.append(bid)
-                    p = tasks.get(bid) or lineage.get(bid)
-                    if p is None or p.status == DONE:
-                        lost.append(bid)
+            missing, groups, lost = self._missing_inputs(t)
             t.parked_at_loss = -1
-            if missing:
+            if missing or groups:
                 # every lost input at once, so that recovery of all of them (other
                 # partitions, other batches) starts in parallel; then park the task
                 if lost:
                     out.extend(self._recompute(lost))
-                self._block(t, missing)
+                self._block(t, missing, groups)
                 continue
             if t.spec.kind == "output":
                 # output partitions are pinned to one worker: its transactional producer
                 # stays warm and no other worker fences it; moved only when it is lost
                 home = self._output_home(t.spec)
                 if free.get(home, 0) <= 0:
+                    # back in the queue when that worker frees a slot (not every tick)
+                    self._home_waiters.setdefault(home, []).append(t)
                     continue
                 w: str | None = home
             else:
                 w = self._pick_worker(t.spec, free)
             if w is None:
-                return out
+                later.append(t)
+                stopped = True
+                break
             out.append(self._launch(t, w, now, speculative=False))
+        for t in later:
+            self._enqueue(t)
+        if stopped:
+            return out
         if self.speculation and now - self._last_speculation >= SPECULATION_EVERY_S:
             self._last_speculation = now
             out.extend(self._speculate(now, free))
         return out
+
+    def _missing_inputs(self, t: _Task) -> tuple[list[str], list[tuple[str, int]], list[str]]:
+        """A pending task's missing input blocks, missing map stages and lost blocks.
+
+        A reduce's map outputs are checked per map stage (a counter of available outputs),
+        and only walked, once per stage and loss, to find lost ones. An input whose task is
+        pending or running is on its way, not lost.
+        """
+        missing: list[str] = []
+        groups: list[tuple[str, int]] = []
+        lost: list[str] = []
+        if t.awaiting == 0 and t.parked_at_loss == self._losses:
+            return missing, groups, lost  # woken with everything it awaited, nothing lost
+        locs, tasks, lineage = self.locations, self.tasks, self.lineage
+        ckpt = bool(self.checkpoints)
+        inputs = t.spec.inputs
+        split = self._split_of(t.spec)
+        if split is None:
+            others: Iterable[tuple[str, int]] = inputs
+        else:
+            others = [inputs[i] for i in split.others]
+            for g, count, _ in split.groups:
+                if self._avail.get(g, 0) >= count:
+                    continue
+                groups.append((g, count))
+                if self._group_checked.get(g) != self._losses:
+                    self._group_checked[g] = self._losses
+                    lost.extend(self._lost_in_group(g, count))
+        for bid, _ in others:
+            if locs.get(bid) or (ckpt and self._checkpointed(bid)):
+                continue
+            missing.append(bid)
+            p = tasks.get(bid) or lineage.get(bid)
+            if p is None or p.status == DONE:
+                lost.append(bid)
+        return missing, groups, lost
 
     def _output_home(self, spec: TaskSpec) -> str:
         key = (spec.node, spec.part)
@@ -693,25 +903,30 @@ class Scheduler:
                 if home in load:
                     load[home] += 1
             self.output_owner[(spec.node, spec.part)] = min(others, key=lambda w: (load[w], w))
+            # outputs waiting for a slot on the slow worker look at their home again
+            for t in self._home_waiters.pop(slow, ()):
+                self._enqueue(t)
 
     def _launch(self, t: _Task, w: str, now: float, speculative: bool) -> LaunchTask:
         a = t.next_attempt
         t.next_attempt += 1
         t.attempts[a] = (w, now)
         self._set(t, RUNNING)
-        self.busy[w] = self.busy.get(w, 0) + 1
+        self._free.take(w)
         self.stats.launched += 1
         batch = self.batches.get(t.spec.batch)
         if batch is not None and batch.first_launch is None:
             batch.first_launch = now
         return LaunchTask(t.spec, w, a, speculative)
 
-    def _pick_worker(self, spec: TaskSpec, free: _Free, exclude: Iterable[str] = ()) -> str | None:
+    def _pick_worker(
+        self, spec: TaskSpec, free: SlotIndex, exclude: Iterable[str] = ()
+    ) -> str | None:
         """The free worker holding most input bytes; else the one with most free slots.
 
         Ties go to more free slots, then to the first worker by name (deterministic).
         Workers caught straggling are passed over while any other worker is free.
-        Costs O(holders of the inputs), plus O(workers) only when no holder is free.
+        Costs O(holders of the inputs), plus O(log workers) when no holder is free.
         """
         ex = set(exclude)
         if self._avoid:
@@ -720,7 +935,7 @@ class Scheduler:
                 return w
         return self._pick_among(spec, free, ex)
 
-    def _pick_among(self, spec: TaskSpec, free: _Free, ex: set[str]) -> str | None:
+    def _pick_among(self, spec: TaskSpec, free: SlotIndex, ex: set[str]) -> str | None:
         scores: dict[str, int] = {}
         # a task reading many blocks (a reduce over every map output) has no useful
         # locality: its inputs are everywhere (as in Spark, which skips it too)
@@ -732,17 +947,7 @@ class Scheduler:
                     scores[w] = scores.get(w, 0) + size
         if scores:
             return max(sorted(scores), key=lambda w: (scores[w], free[w]))
-        slots, busy = self.slots, self.busy
-        top = self._top_slots
-        best: str | None = None
-        most = 0
-        for w in self.workers:
-            n = slots[w] - busy.get(w, 0)
-            if n > most and w not in ex:
-                best, most = w, n
-                if n >= top:
-                    break  # an idle worker: none has more free slots
-        return best
+        return free.best(ex)
 
     def _recompute(self, missing: list[str]) -> list[Instruction]:
         """Lineage: make every missing block on the way to *missing* be rebuilt.
@@ -778,15 +983,28 @@ class Scheduler:
             t = _Task(spec)
             self.lineage[bid] = t
             self._pending[bid] = t
-            self._pending_sorted = False
+            self._enqueue(t)
             self.stats.recomputed += 1
         elif t.status == DONE:
             self._set(t, PENDING)  # its block was lost: run it again
             self.stats.recomputed += 1
         else:
             return  # pending or running: the block is on its way, not lost
-        for ibid, _ in t.spec.inputs:
-            self._ensure(ibid, out, seen)
+        inputs = t.spec.inputs
+        split = self._split_of(t.spec)
+        if split is None:
+            for ibid, _ in inputs:
+                self._ensure(ibid, out, seen)
+            return
+        # a reduce: each map stage is walked once, however many reduces read it
+        for g, count, _ in split.groups:
+            if g in seen:
+                continue
+            seen.add(g)
+            for m in range(count):
+                self._ensure(f"{g}/{m}", out, seen)
+        for i in split.others:
+            self._ensure(inputs[i][0], out, seen)
 
     def _spec_for(self, bid: str) -> TaskSpec | None:
         b = block_batch(bid)
@@ -798,38 +1016,54 @@ class Scheduler:
                 self._plans.pop(min(self._plans))
         return specs.get(bid)
 
-    def _speculate(self, now: float, free: _Free) -> list[Instruction]:
+    def _speculate(self, now: float, free: SlotIndex) -> list[Instruction]:
+        """Copies of running tasks past ``multiplier`` x their stage's median.
+
+        Walks the running tasks only (at most the fleet's slots), with each stage's
+        finished durations kept as tasks finish.
+        """
         out: list[Instruction] = []
-        by_stage: dict[tuple[str, int], list[_Task]] = {}
-        for t in self.tasks.values():
-            by_stage.setdefault((t.spec.stage, t.spec.batch), []).append(t)
-        for group in by_stage.values():
-            done = [t.duration for t in group if t.status == DONE]
-            if len(group) < 2 or len(done) < self.quantile * len(group):
+        thresholds: dict[tuple[str, int], float | None] = {}
+        for t in list(self._running.values()):
+            if t.status != RUNNING or t.speculated or len(t.attempts) != 1 or not t.member:
                 continue
-            threshold = max(self.min_straggler_seconds, self.multiplier * statistics.median(done))
-            for t in group:
-                if t.status != RUNNING or t.speculated or len(t.attempts) != 1:
-                    continue
-                ((w, t0),) = t.attempts.values()
-                if now - t0 <= threshold:
-                    continue
-                self.suspects[w] = now + SUSPECT_SECONDS
-                if t.spec.kind == "output":
-                    # a copy would fence the pinned producer mid-commit: instead, later
-                    # batches of this output partition go to another worker
-                    t.speculated = True
-                    self._move_output_home(t.spec, w)
-                    continue
-                target = self._pick_worker(t.spec, free, exclude=[w])
-                if target is None:
-                    return out
+            key = (t.spec.stage, t.spec.batch)
+            if key in thresholds:
+                threshold = thresholds[key]
+            else:
+                threshold = thresholds[key] = self._straggler_threshold(key)
+            if threshold is None:
+                continue
+            ((w, t0),) = t.attempts.values()
+            if now - t0 <= threshold:
+                continue
+            self.suspects[w] = now + SUSPECT_SECONDS
+            self._suspects_expire = now  # the next tick refreshes the set avoided
+            if t.spec.kind == "output":
+                # a copy would fence the pinned producer mid-commit: instead, later
+                # batches of this output partition go to another worker
                 t.speculated = True
-                self.stats.speculative_launched += 1
-                launch = self._launch(t, target, now, speculative=True)
-                t.speculative_attempts.add(launch.attempt)
-                out.append(launch)
+                self._move_output_home(t.spec, w)
+                continue
+            target = self._pick_worker(t.spec, free, exclude=[w])
+            if target is None:
+                return out
+            t.speculated = True
+            self.stats.speculative_launched += 1
+            launch = self._launch(t, target, now, speculative=True)
+            t.speculative_attempts.add(launch.attempt)
+            out.append(launch)
         return out
+
+    def _straggler_threshold(self, key: tuple[str, int]) -> float | None:
+        """Run time past which a task of (stage, batch) is a straggler; None: too early."""
+        stage = self._stages.get(key)
+        if stage is None:
+            return None
+        n, done = stage
+        if n < 2 or len(done) < self.quantile * n:
+            return None
+        return max(self.min_straggler_seconds, self.multiplier * statistics.median(done.values()))
 
     def describe_batch(self, b: int) -> list[dict[str, object]]:
         """The unfinished tasks of batch *b* and what each waits for (status pages, debugging)."""

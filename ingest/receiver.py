@@ -10,6 +10,11 @@ block of batch ``b`` holds exactly the offsets ``[from, until)``.
 Backpressure: at most ``max_records`` records per partition per batch (the coordinator may
 lower it adaptively); a partition that reaches its cap is paused until the next seal, and
 the surplus is re-read later (its position is rewound to ``until``).
+
+Tables: a table partition of a fresh app is assigned with a ``load_until`` (the topic's
+end when the app started): its first block reads at least that far, whatever the cap,
+and the coordinator cuts the app's first batch only once every such partition got there
+(:meth:`Receivers.wait_loaded`, :mod:`ops.coordinator.tables`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,20 @@ class _Part:
     keys: list[Any] = field(default_factory=list)
     stamps: list[int] = field(default_factory=list)
     paused: bool = False
+    #: a bounded run's stop offset (exclusive): nothing at or past it is read
+    stop: int | None = None
+    #: a table partition's load target (exclusive): the block is not capped below it
+    load_until: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        """A bounded partition read up to its stop offset: no longer fetched."""
+        return self.stop is not None and self.position >= self.stop
+
+    @property
+    def loading(self) -> bool:
+        """A table partition not yet read up to its load target."""
+        return self.load_until is not None and self.position < self.load_until
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,8 @@ class Assignment:
     partition: int
     start: int
     with_meta: bool = False
+    stop: int | None = None
+    load_until: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +138,8 @@ class Receivers:
                     new[key] = _Part(
                         a.node, a.index, a.topic, a.partition, a.start, a.start, a.with_meta
                     )
+                new[key].stop = a.stop
+                new[key].load_until = a.load_until
             self._parts = new
             self._reassign.set()
         if self._thread is None and new:
@@ -127,12 +150,49 @@ class Receivers:
         with self._lock:
             return {k: p.position for k, p in self._parts.items()}
 
+    def loads(self) -> list[tuple[str, int, int, int]]:
+        """``(topic, partition, position, load_until)`` of every partition with a load target."""
+        with self._lock:
+            return [
+                (p.topic, p.partition, p.position, p.load_until)
+                for p in self._parts.values()
+                if p.load_until is not None
+            ]
+
+    def wait_loaded(self, timeout: float) -> list[tuple[str, int, int, int]]:
+        """Wait up to *timeout* s until no partition is below its load target; :meth:`loads`.
+
+        Returns as soon as every table partition is loaded (or at once without any), so the
+        coordinator, which asks again until they all are, hears of it within a poll.
+        """
+        end = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                loading = any(p.loading for p in self._parts.values())
+            if not loading or time.monotonic() >= end or self._stop.is_set():
+                return self.loads()
+            time.sleep(POLL_TIMEOUT_S)
+
     def seal(self, b: int) -> list[SealedBlock]:
-        """Cut every assigned partition's block for batch *b* (``[start, position)``)."""
+        """Cut every assigned partition's block for batch *b* (``[start, position)``).
+
+        A table partition's load target applies to the first block only: it is forgotten
+        here. Cutting one below its target means the coordinator did not wait for it
+        (logged: that batch's joins see part of the table).
+        """
         with self._lock:
             sealed: list[SealedBlock] = []
             resume = []
             for p in self._parts.values():
+                if p.loading:
+                    log.warning(
+                        "table partition %s[%d] cut at offset %d before its load target %d",
+                        p.topic,
+                        p.partition,
+                        p.position,
+                        p.load_until,
+                    )
+                p.load_until = None
                 data = encode_input_block(
                     p.topic,
                     p.partition,
@@ -178,7 +238,7 @@ class Receivers:
             tps = [
                 TopicPartition(p.topic, p.partition, p.position)
                 for p in self._parts.values()
-                if not p.paused
+                if not p.paused and not p.finished
             ]
         self._consumer.assign(tps)
 
@@ -200,6 +260,8 @@ class Receivers:
                 if now - self._lag_at > LAG_EVERY_S:
                     self._lag_at = now
                     self._update_lag()
+                    self._skip_to_stops()
+                self._skip_to_loads()
         except Exception as e:  # a receiver must never die silently
             log.exception("receiver stopped: %s", e)
             self.errors.append(str(e))
@@ -225,6 +287,62 @@ class Receivers:
                 lag[(topic, partition)] = max(0, hi - position)
         self.lag = lag
 
+    def _skip_to_stops(self) -> None:
+        """Bounded partitions whose consumer passed their stop offset: finished.
+
+        The last offsets before a stop may be transaction markers, which are never
+        delivered; the consumer's position moves past them. Runs on the polling thread,
+        right after every delivered record was appended (a pending reassignment means
+        records were dropped: then nothing is skipped).
+        """
+        from confluent_kafka import TopicPartition
+
+        with self._lock:
+            if self._reassign.is_set():
+                return
+            open_ = [
+                p
+                for p in self._parts.values()
+                if p.stop is not None and not p.paused and not p.finished
+            ]
+            if not open_:
+                return
+            try:
+                got = self._consumer.position([TopicPartition(p.topic, p.partition) for p in open_])
+            except Exception as e:
+                log.debug("positions: %s", e)
+                return
+            for p, tp in zip(open_, got, strict=True):
+                stop = p.stop
+                if stop is not None and tp.offset is not None and tp.offset >= stop:
+                    p.position = stop
+                    self._reassign.set()
+
+    def _skip_to_loads(self) -> None:
+        """Table partitions whose consumer passed their load target: loaded.
+
+        As :meth:`_skip_to_stops`: the offsets before the target may be transaction
+        markers or aborted records, never delivered. On the polling thread, right after
+        every delivered record was appended.
+        """
+        from confluent_kafka import TopicPartition
+
+        with self._lock:
+            if self._reassign.is_set():
+                return
+            open_ = [p for p in self._parts.values() if p.loading and not p.paused]
+            if not open_:
+                return
+            try:
+                got = self._consumer.position([TopicPartition(p.topic, p.partition) for p in open_])
+            except Exception as e:
+                log.debug("positions: %s", e)
+                return
+            for p, tp in zip(open_, got, strict=True):
+                until = p.load_until
+                if until is not None and tp.offset is not None and tp.offset >= until:
+                    p.position = until
+
     def _append(self, msgs: list[Any]) -> None:
         cap = self.max_records
         with self._lock:
@@ -242,6 +360,11 @@ class Receivers:
                 off = m.offset()
                 if p is None or p.paused or off < p.position:
                     continue
+                if p.stop is not None and off >= p.stop:
+                    # a bounded run: the block ends exactly at the stop offset
+                    p.position = max(p.position, p.stop)
+                    self._reassign.set()  # stop fetching this partition
+                    continue
                 p.values.append(m.value())
                 p.offsets.append(off)
                 if p.with_meta:
@@ -249,6 +372,6 @@ class Receivers:
                     p.stamps.append(m.timestamp()[1])
                 p.position = off + 1
                 self.received += 1
-                if cap and len(p.values) >= cap:
+                if cap and len(p.values) >= cap and not p.loading:
                     p.paused = True
                     self._reassign.set()

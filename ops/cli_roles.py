@@ -81,6 +81,27 @@ def add_common_args(p: argparse.ArgumentParser, app_positional: bool = False) ->
     )
 
 
+def add_until_arg(p: argparse.ArgumentParser) -> None:
+    """``--until end|TIMESTAMP``: a bounded run (``run`` and ``coordinator``)."""
+    p.add_argument(
+        "--until",
+        metavar="end|TIMESTAMP",
+        help="a bounded run: process every Kafka source up to its end offsets at start "
+        "('end') or up to an ISO 8601 timestamp (e.g. 2026-11-30T12:00:00Z), then exit 0",
+    )
+
+
+def until_of(args: argparse.Namespace) -> Any:
+    """The parsed ``--until`` (an :class:`engine.bounds.Bound`), or None; a bad one fails now."""
+    from engine.bounds import parse_stop
+    from engine.errors import GraphError
+
+    try:
+        return parse_stop(getattr(args, "until", None), "--until")
+    except GraphError as e:  # a usage error (exit 2), not an app's
+        raise ConfigError(str(e)) from None
+
+
 def app_of(args: argparse.Namespace) -> str:
     """The app file of a command that takes it as ``APP`` or ``--app``.
 
@@ -130,6 +151,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--expect-workers", type=int, default=1, help="workers to wait for before the first batch"
     )
+    add_until_arg(p)
     add_listen_args(p, "coordinator")
     p.set_defaults(func=cmd_coordinator)
 
@@ -218,7 +240,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     settings = role_settings(args)
     require_secret(settings)
     log.info("settings: %s", settings.redacted())
-    return run_coordinator(settings, args.app, app_id_for(args.app, settings), args.expect_workers)
+    return run_coordinator(
+        settings, args.app, app_id_for(args.app, settings), args.expect_workers, until_of(args)
+    )
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     #: the deadline (s) of a worker's call to a peer (replicating a sealed block, fetching
     #: a block); 0: automatic (:attr:`Settings.peer_deadline_s`)
     peer_deadline: float = 0.0
+    #: connections a worker keeps open to its peers at most (least recently used closed
+    #: first; a call in progress is never cut): a fleet up to this size + 1 reuses every one
+    peer_connections: int = 32
     max_records_per_partition: int = 0  # per batch; 0 means unlimited
     adaptive_rate: bool = False  # lower the per-partition cap to keep batches in time
     speculation: bool = True
@@ -182,7 +185,7 @@ class Settings(BaseSettings):
             raise ValueError(msg)
         return v
 
-    @field_validator("num_partitions", "task_slots", "heartbeat_misses")
+    @field_validator("num_partitions", "task_slots", "heartbeat_misses", "peer_connections")
     @classmethod
     def _at_least_one(cls, v: int) -> int:
         if v < 1:

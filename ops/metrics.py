@@ -50,6 +50,10 @@ RECEIVER_LAG = Gauge(
 TASK_DURATION = Histogram(
     "dstream_task_duration_seconds", "Task run time by stage", ["stage"], buckets=_DELAY_BUCKETS
 )
+LATE_SEALS = Counter(
+    "dstream_late_seals_total",
+    "Batches cut without a worker that did not answer the seal within one batch interval",
+)
 TASKS_RETRIED = Counter("dstream_tasks_retried_total", "Task attempts rerun after a failure")
 SPECULATIVE_LAUNCHED = Counter(
     "dstream_speculative_tasks_launched_total", "Speculative task copies launched"
@@ -105,6 +109,7 @@ ALL_METRIC_NAMES = (
     "dstream_receiver_lag_records",
     "dstream_task_duration_seconds",
     "dstream_tasks_retried_total",
+    "dstream_late_seals_total",
     "dstream_speculative_tasks_launched_total",
     "dstream_speculative_tasks_won_total",
     "dstream_recoveries_total",

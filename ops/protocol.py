@@ -14,6 +14,7 @@ Worker -> coordinator::
     request_commit RequestCommit     -> CommitAnswer ("granted" | "denied" | "wait")
     checkpointed   Checkpointed      -> True
     status         Status            -> dict   (also asked by ``dstream status``)
+    query          Query             -> dict   (``dstream query``: a named stream's state)
 
 Coordinator -> worker (each with the epoch)::
 
@@ -24,6 +25,9 @@ Coordinator -> worker (each with the epoch)::
     replicate_to   ReplicateTo       -> int    (size of the copied block)
     free           Free              -> int    (blocks left in the store)
     cancel         Cancel            -> True
+    query_part     QueryPartition    -> dict   (one state partition's selected entries)
+    finish         Finish            -> True   (a bounded run is done: the worker exits 0)
+    await_load     AwaitLoad         -> list[TableLoad] (a fresh app's tables, before batch 0)
 
 Worker -> worker::
 
@@ -313,6 +317,40 @@ class Status:
         return cls()
 
 
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Read a named stream's state (``dstream query``); the reply is a plain dict.
+
+    *keys* selects entries by key text; without keys, a scan of the keys starting with
+    *prefix*, at most *limit* (None: the default). *app* must be the coordinator's app.
+    """
+
+    app: str
+    stream: str
+    keys: list[str] = field(default_factory=list)
+    prefix: str = ""
+    limit: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "stream": self.stream,
+            "keys": list(self.keys),
+            "prefix": self.prefix,
+            "limit": self.limit,
+        }
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> Query:
+        return cls(
+            str(w["app"]),
+            str(w["stream"]),
+            [str(k) for k in w.get("keys") or []],
+            str(w.get("prefix") or ""),
+            w.get("limit"),
+        )
+
+
 # -- coordinator -> worker ----------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Seal:
@@ -360,19 +398,36 @@ class PartitionAssignment:
     topic: str  # "" for a queue source
     partition: int
     start: int  # next offset to read
+    stop: int | None = None  # a bounded run reads no offset at or past it (exclusive)
+    #: a table partition of a fresh app: the first block reads at least up to this offset
+    #: (exclusive; the topic's end when the app started), whatever the record cap
+    load_until: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        w: dict[str, Any] = {
             "node": self.node,
             "index": self.index,
             "topic": self.topic,
             "partition": self.partition,
             "start": self.start,
         }
+        if self.stop is not None:
+            w["stop"] = self.stop
+        if self.load_until is not None:
+            w["load_until"] = self.load_until
+        return w
 
     @classmethod
     def from_wire(cls, w: dict[str, Any]) -> PartitionAssignment:
-        return cls(w["node"], w["index"], w["topic"], w["partition"], w["start"])
+        return cls(
+            w["node"],
+            w["index"],
+            w["topic"],
+            w["partition"],
+            w["start"],
+            w.get("stop"),
+            w.get("load_until"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +448,46 @@ class Assign:
     def from_wire(cls, w: dict[str, Any]) -> Assign:
         parts = [PartitionAssignment.from_wire(p) for p in w["parts"]]
         return cls(parts, list(w.get("peers", [])), w.get("max_records"))
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitLoad:
+    """Wait up to *wait_s* seconds for the worker's table partitions to load; report them.
+
+    Asked by a fresh app's leader before its first batch (:mod:`ops.coordinator.tables`);
+    answered with a :class:`TableLoad` for every partition assigned with a ``load_until``.
+    """
+
+    wait_s: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"wait_s": self.wait_s}
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> AwaitLoad:
+        return cls(float(w["wait_s"]))
+
+
+@dataclass(frozen=True, slots=True)
+class TableLoad:
+    """A receiver's progress in loading one table partition: loaded once position >= until."""
+
+    topic: str
+    partition: int
+    position: int  # next offset to read
+    until: int  # the partition's ``load_until``
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "partition": self.partition,
+            "position": self.position,
+            "until": self.until,
+        }
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> TableLoad:
+        return cls(w["topic"], w["partition"], w["position"], w["until"])
 
 
 def task_spec_to_wire(s: TaskSpec) -> list[Any]:
@@ -507,6 +602,61 @@ class Cancel:
         return cls(w["task"], w["attempt"])
 
 
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """A bounded run finished: the worker stops and exits 0 (a finished Spark job's executors)."""
+
+    records: int
+    batches: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"records": self.records, "batches": self.batches}
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> Finish:
+        return cls(w["records"], w["batches"])
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPartition:
+    """Select from partition *part* of queryable node *node* at *batch* (a :class:`Query`).
+
+    *locations* names the holders of the blocks it reads (as a task's do); *limit* is the
+    resolved scan limit.
+    """
+
+    node: int
+    batch: int
+    part: int
+    locations: dict[str, list[str]]
+    keys: list[str]
+    prefix: str
+    limit: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "batch": self.batch,
+            "part": self.part,
+            "locations": self.locations,
+            "keys": self.keys,
+            "prefix": self.prefix,
+            "limit": self.limit,
+        }
+
+    @classmethod
+    def from_wire(cls, w: dict[str, Any]) -> QueryPartition:
+        return cls(
+            w["node"],
+            w["batch"],
+            w["part"],
+            {str(k): list(v) for k, v in w["locations"].items()},
+            list(w["keys"]),
+            w["prefix"],
+            w["limit"],
+        )
+
+
 # -- worker -> worker ---------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Fetch:
@@ -547,6 +697,7 @@ METHODS: dict[type, str] = {
     RequestCommit: "request_commit",
     Checkpointed: "checkpointed",
     Status: "status",
+    Query: "query",
     Seal: "seal",
     Assign: "assign",
     Launch: "launch",
@@ -554,13 +705,28 @@ METHODS: dict[type, str] = {
     ReplicateTo: "replicate_to",
     Free: "free",
     Cancel: "cancel",
+    Finish: "finish",
+    QueryPartition: "query_part",
+    AwaitLoad: "await_load",
     Fetch: "fetch",
     Replicate: "replicate",
 }
 
 #: Calls only a coordinator makes; each carries its epoch, and a worker refuses an older one.
 COORDINATOR_CALLS = frozenset(
-    METHODS[m] for m in (Launch, Seal, Assign, Free, Cancel, ReadInput, ReplicateTo)
+    METHODS[m]
+    for m in (
+        Launch,
+        Seal,
+        Assign,
+        Free,
+        Cancel,
+        ReadInput,
+        ReplicateTo,
+        Finish,
+        QueryPartition,
+        AwaitLoad,
+    )
 )
 
 

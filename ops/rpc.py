@@ -689,11 +689,41 @@ class RpcClient:
         self._conn: _Conn | None = None
         self._reader: threading.Thread | None = None
         self._closed = False
+        self._active = 0  # calls and notifications in progress (guarded by _connect_lock)
+        self._last_used = time.monotonic()
 
     @property
     def closed(self) -> bool:
         """True once :meth:`close` was called (a dropped connection is not ``closed``)."""
         return self._closed
+
+    @property
+    def connected(self) -> bool:
+        """True while the client holds an open connection."""
+        conn = self._conn
+        return conn is not None and not conn.closed
+
+    @property
+    def last_used(self) -> float:
+        """``time.monotonic()`` when the last call ended (or when the client was made)."""
+        return self._last_used
+
+    def disconnect_if_idle(self, idle_s: float, now: float | None = None) -> bool:
+        """Close the connection if no call is in progress and none ended in *idle_s*.
+
+        The client stays usable: the next call reconnects (a connection pool closes idle
+        connections this way, :class:`ops.worker.peers.PeerPool`). Atomic with respect to
+        calls: a call either started before (the connection is kept) or opens a new one.
+        Returns True when a connection was closed. Does not wait for the reader thread to
+        finish (it does at once, on the shutdown; the next connection joins it first).
+        """
+        now = time.monotonic() if now is None else now
+        with self._connect_lock:
+            conn = self._conn
+            if self._active or conn is None or conn.closed or now - self._last_used < idle_s:
+                return False
+            conn.shutdown()
+        return True
 
     def call(self, method: str, params: Any = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
         """Call *method* and return its result.
@@ -707,7 +737,7 @@ class RpcClient:
             AuthError: the server rejected the secret or failed to prove it knows it.
 
         """
-        conn = self._connection()
+        conn = self._connection(claim=True)
         msgid = next(self._ids)
         pending = _Pending()
         with self._lock:
@@ -721,13 +751,19 @@ class RpcClient:
             with self._lock:
                 self._pending.pop(msgid, None)
             raise
+        finally:
+            self._release()
         if pending.error is not None:
             raise pending.error
         return pending.result
 
     def notify(self, method: str, params: Any = None) -> None:
         """Send a notification (no reply, no delivery guarantee beyond the socket)."""
-        self._connection().send([_NOTIFY, method, params])
+        conn = self._connection(claim=True)
+        try:
+            conn.send([_NOTIFY, method, params])
+        finally:
+            self._release()
 
     def close(self) -> None:
         """Close the connection and fail pending calls with ConnectionLost. Idempotent."""
@@ -745,12 +781,24 @@ class RpcClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _connection(self) -> _Conn:
+    def _release(self) -> None:
+        """A call or notification that claimed the connection ended."""
+        with self._connect_lock:
+            self._active -= 1
+            self._last_used = time.monotonic()
+
+    def _connection(self, claim: bool = False) -> _Conn:
+        """The open connection, opened now if need be.
+
+        *claim*: count a call in progress (it calls :meth:`_release` when it ends), so
+        :meth:`disconnect_if_idle` leaves the connection open meanwhile.
+        """
         with self._connect_lock:
             if self._closed:
                 msg = f"client of {self.address} is closed"
                 raise ConnectionLost(msg)
             if self._conn is not None and not self._conn.closed:
+                self._active += claim
                 return self._conn
             if self._reader is not None:
                 self._reader.join()  # the old reader has already failed its calls
@@ -760,6 +808,7 @@ class RpcClient:
                 target=self._read_loop, args=(conn,), name=f"rpc-client-{self.address}", daemon=True
             )
             self._reader.start()
+            self._active += claim
             return conn
 
     def _open(self) -> _Conn:

@@ -10,10 +10,13 @@ Per app (every key is prefixed ``dstream:{app_id}:``):
   the first time (or after ``dstream reset``); the Kafka sink's commit markers carry it, so
   markers of another run of the app are never taken for this one's;
 * ``first``: the app's first batch index (set once);
-* ``batches``: batch index -> msgpack ``{"time_ms": t, "ranges": {block_id: [topic,
-  partition, from, until, count]}}``, written **before** the batch is scheduled (Kafka is the
-  durable log; ``until`` exclusive). Logs written before the time had its own field kept it
-  as a pseudo block ``"@time"`` among the ranges; they are still read;
+* ``batches``: batch index -> one msgpack value per batch (:func:`encode_logged`), written
+  in one round trip **before** the batch is scheduled (Kafka is the durable log; ``until``
+  exclusive). The compact form names each source node once and each topic once, and gives
+  every input partition six small integers (about 12 bytes: 1,000 workers x 4 partitions
+  log ~50 KB a batch); the older forms are still read: ``{"time_ms": t, "ranges":
+  {block_id: [topic, partition, from, until, count]}}``, and before that the time as a
+  pseudo block ``"@time"`` among the ranges;
 * ``done``: the highest batch such that it and every batch before it completed;
 * ``checkpoints``: ``node:partition`` -> batch of the last complete state checkpoint;
 * ``lease``: the leading coordinator, ``epoch|holder`` with an expiry. Taking the lease bumps
@@ -76,8 +79,78 @@ class LoggedBatch(NamedTuple):
 LEGACY_TIME_BLOCK = "@time"
 
 
+#: The version tag of the compact form of a logged batch (:func:`encode_logged`).
+COMPACT_FORM = 2
+#: Integers per input block in the compact form: index, topic number, Kafka partition,
+#: start offset, ``until - start``, and ``until - start - records`` (0 unless compacted).
+_FIELDS = 6
+
+
+def encode_logged(b: int, time_ms: int, ranges: dict[str, OffsetRange]) -> bytes:
+    """The stored value of batch *b*: msgpack, compact when every block is an input block.
+
+    Compact form: ``{"v": 2, "b": b, "time_ms": t, "topics": [name, ...], "nodes": [[node,
+    [index, topic number, partition, start, until - start, until - start - records, ...]],
+    ...]}``; block ids (``in/{node}/{b}/{index}``) are rebuilt on reading. When a block id
+    is not an input block of *b* in that form, the whole value keeps the explicit form.
+    Pure; about 0.6 us per range (4,000 ranges: 2.5 ms on the 2-core bench machine).
+    """
+    topics: dict[str, int] = {}
+    nodes: dict[str, list[int]] = {}
+    batch = str(b)
+    for bid, (topic, part, start, until, records) in ranges.items():
+        p = bid.split("/")
+        if len(p) != 4 or p[0] != "in" or p[2] != batch or not _canonical(p[3]):
+            return _explicit(time_ms, ranges)
+        t = topics.get(topic)
+        if t is None:
+            t = topics[topic] = len(topics)
+        flat = nodes.get(p[1])
+        if flat is None:
+            if not _canonical(p[1]):
+                return _explicit(time_ms, ranges)
+            flat = nodes[p[1]] = []
+        n = until - start
+        flat += (int(p[3]), t, part, start, n, n - records)
+    return pack(
+        {
+            "v": COMPACT_FORM,
+            "b": b,
+            "time_ms": time_ms,
+            "topics": list(topics),
+            "nodes": [[int(node), flat] for node, flat in nodes.items()],
+        }
+    )
+
+
+def _canonical(digits: str) -> bool:
+    """*digits* is a non-negative integer as ``str(int)`` writes it (no sign, no 0 prefix)."""
+    return digits.isascii() and digits.isdigit() and (digits == "0" or digits[0] != "0")
+
+
+def _explicit(time_ms: int, ranges: dict[str, OffsetRange]) -> bytes:
+    return pack({"time_ms": time_ms, "ranges": {k: list(v) for k, v in ranges.items()}})
+
+
+def _decode_compact(value: dict[str, Any]) -> LoggedBatch:
+    b, topics = int(value["b"]), value["topics"]
+    ranges: dict[str, OffsetRange] = {}
+    for node, flat in value["nodes"]:
+        for i in range(0, len(flat), _FIELDS):
+            index, t, part, start, n, skipped = flat[i : i + _FIELDS]
+            ranges[f"in/{node}/{b}/{index}"] = OffsetRange(
+                topics[t], part, start, start + n, n - skipped
+            )
+    return LoggedBatch(int(value["time_ms"]), ranges)
+
+
 def decode_logged(value: Any) -> LoggedBatch:
-    """One stored batch, in the current form or the older one (time as a pseudo block)."""
+    """One stored batch, in the compact form or an older one.
+
+    The older forms: explicit ranges per block id; before that, the time as a pseudo block.
+    """
+    if isinstance(value, dict) and value.get("v") == COMPACT_FORM:
+        return _decode_compact(value)
     if isinstance(value, dict) and "ranges" in value and "time_ms" in value:
         ranges = {bid: OffsetRange(*v) for bid, v in value["ranges"].items()}
         return LoggedBatch(int(value["time_ms"]), ranges)
@@ -139,6 +212,34 @@ class MetaLog(ABC):
     def first_batch(self, proposed: int) -> int:
         """The app's first batch: *proposed* on the first call ever, the stored one after."""
 
+    def stop_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
+        """A bounded run's stop offsets: *proposed* unless a run's are stored; those in force.
+
+        Keyed ``"node/index"`` (an input partition of a source), ``until`` exclusive. Set
+        once at the first start of a bounded run, so a restarted or new leader stops at
+        the same offsets; :meth:`clear_stop_offsets` when the run finished (the next run
+        of the app computes its own end, as Spark's ``Trigger.AvailableNow`` does).
+        """
+        raise NotImplementedError
+
+    def clear_stop_offsets(self) -> None:
+        """Forget the stop offsets of a bounded run that finished."""
+        raise NotImplementedError
+
+    def load_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
+        """A fresh app's table load targets: *proposed* unless some are stored; those in force.
+
+        Keyed ``"node/index"`` as :meth:`stop_offsets`: the end offset of each table topic
+        partition when the app first started, which its first batch reads up to. Set once,
+        so a leader that takes over before the first batch is logged loads up to the same
+        offsets; :meth:`clear_load_offsets` once the first batch completed.
+        """
+        raise NotImplementedError
+
+    def clear_load_offsets(self) -> None:
+        """Forget the table load targets (the app's first batch completed)."""
+        raise NotImplementedError
+
     @abstractmethod
     def log_batch(self, epoch: int, b: int, ranges: dict[str, OffsetRange], time_ms: int) -> None:
         """Record batch *b*'s input offset ranges and its time (one atomic write).
@@ -159,6 +260,28 @@ class MetaLog(ABC):
     @abstractmethod
     def mark_done(self, epoch: int, b: int) -> None:
         """Every batch up to *b* completed (monotonic: a lower *b* changes nothing)."""
+
+    def complete(
+        self, epoch: int, b: int, ckpts: list[tuple[int, int, int]], keep_from: int
+    ) -> None:
+        """Persist a batch's progress at once: checkpoint pointers, *b* done, old lineage.
+
+        Called once per completed batch (when the done mark advances), by the coordinator
+        only: sets every ``(node, partition, batch)`` of *ckpts* (monotonic per pointer,
+        as :meth:`set_checkpoint`), marks every batch up to *b* done (:meth:`mark_done`) and
+        drops the offset ranges of batches before *keep_from* (:meth:`forget_before`).
+        Fenced like each of them; the Redis backend does it all in one atomic round trip,
+        whatever the number of pointers.
+
+        Raises:
+            FencedError: *epoch* is older than the current one (nothing is written).
+            MetadataLostError: the epoch key is missing (nothing is written).
+
+        """
+        for node, part, cb in ckpts:
+            self.set_checkpoint(epoch, node, part, cb)
+        self.mark_done(epoch, b)
+        self.forget_before(keep_from)
 
     @abstractmethod
     def done(self) -> int | None:
@@ -260,6 +383,26 @@ class MemoryMetaLog(MetaLog):
                 self._first = proposed
             return self._first
 
+    def stop_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
+        with self._lock:
+            if getattr(self, "_stops", None) is None:
+                self._stops: dict[str, int] | None = dict(proposed)
+            return dict(self._stops or {})
+
+    def clear_stop_offsets(self) -> None:
+        with self._lock:
+            self._stops = None
+
+    def load_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
+        with self._lock:
+            if getattr(self, "_loads", None) is None:
+                self._loads: dict[str, int] | None = dict(proposed)
+            return dict(self._loads or {})
+
+    def clear_load_offsets(self) -> None:
+        with self._lock:
+            self._loads = None
+
     def _fence(self, epoch: int) -> None:
         if self._epoch is None:
             raise MetadataLostError(_lost("dstream:memory:epoch"))
@@ -349,6 +492,27 @@ local old = tonumber(redis.call('HGET', KEYS[2], ARGV[2]) or '-1')
 if tonumber(ARGV[3]) > old then redis.call('HSET', KEYS[2], ARGV[2], ARGV[3]) end
 return 1
 """
+# KEYS[1] = epoch, KEYS[2] = checkpoints, KEYS[3] = done, KEYS[4] = batches;
+# ARGV[1] = caller epoch, ARGV[2] = done batch, ARGV[3] = keep_from, then (field, batch) pairs
+_COMPLETE = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return redis.error_reply('METADATA_LOST ' .. KEYS[1] .. ' is missing') end
+local cur = tonumber(raw)
+if tonumber(ARGV[1]) < cur then
+  return redis.error_reply('FENCED epoch ' .. ARGV[1] .. ' < ' .. cur)
+end
+for i = 4, #ARGV, 2 do
+  local old = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '-1')
+  if tonumber(ARGV[i + 1]) > old then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+end
+local done = tonumber(redis.call('GET', KEYS[3]) or '-1')
+if tonumber(ARGV[2]) > done then redis.call('SET', KEYS[3], ARGV[2]) end
+local keep = tonumber(ARGV[3])
+for _, f in ipairs(redis.call('HKEYS', KEYS[4])) do
+  if tonumber(f) < keep then redis.call('HDEL', KEYS[4], f) end
+end
+return 1
+"""
 # KEYS[1] = lease, KEYS[2] = epoch; ARGV[1] = holder, ARGV[2] = ttl ms -> new epoch or nil
 _ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
@@ -405,6 +569,7 @@ class RedisMetaLog(MetaLog):
         self._hset = client.register_script(_FENCED_HSET)
         self._max = client.register_script(_FENCED_MAX)
         self._max_hset = client.register_script(_FENCED_MAX_HSET)
+        self._complete = client.register_script(_COMPLETE)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -465,13 +630,38 @@ class RedisMetaLog(MetaLog):
         self.r.set(self.key("first"), proposed, nx=True)
         return int(self.r.get(self.key("first")))
 
+    def stop_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
+        self.r.set(self.key("stop"), pack(proposed), nx=True)
+        raw = self.r.get(self.key("stop"))
+        return dict(proposed) if raw is None else {str(k): int(v) for k, v in unpack(raw).items()}
+
+    def clear_stop_offsets(self) -> None:
+        self.r.delete(self.key("stop"))
+
+    def load_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
+        self.r.set(self.key("load"), pack(proposed), nx=True)
+        raw = self.r.get(self.key("load"))
+        return dict(proposed) if raw is None else {str(k): int(v) for k, v in unpack(raw).items()}
+
+    def clear_load_offsets(self) -> None:
+        self.r.delete(self.key("load"))
+
     def log_batch(self, epoch: int, b: int, ranges: dict[str, OffsetRange], time_ms: int) -> None:
-        data = pack({"time_ms": time_ms, "ranges": {k: list(v) for k, v in ranges.items()}})
+        data = encode_logged(b, time_ms, ranges)
         self._call(self._hset, [self.key("epoch"), self.key("batches")], [epoch, b, data])
 
     def logged(self) -> dict[int, LoggedBatch]:
         raw = self.r.hgetall(self.key("batches"))
         return {int(k): decode_logged(unpack(data)) for k, data in raw.items()}
+
+    def complete(
+        self, epoch: int, b: int, ckpts: list[tuple[int, int, int]], keep_from: int
+    ) -> None:
+        args: list[Any] = [epoch, b, keep_from]
+        for node, part, cb in ckpts:
+            args += [f"{node}:{part}", cb]
+        keys = [self.key(k) for k in ("epoch", "checkpoints", "done", "batches")]
+        self._call(self._complete, keys, args)
 
     def mark_done(self, epoch: int, b: int) -> None:
         self._call(self._max, [self.key("epoch"), self.key("done")], [epoch, b])

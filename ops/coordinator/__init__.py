@@ -11,6 +11,8 @@ services:
 * :class:`.completion.Completion` - batches done, checkpoints in force, lineage pruned;
 * :class:`.rate_control.RateController` - backpressure, a listener of completed batches;
 * :mod:`.status` - status;
+* :class:`.queries.StateQueries` - named streams' state for ``dstream query`` and
+  ``/api/state/{stream}``;
 * :class:`.leader.Leader` - the roles above wired together while this process leads.
 
 The :class:`Coordinator` does the I/O of start-up (the app, the Kafka layout, Redis,
@@ -29,16 +31,20 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from engine.bounds import Bound
 from engine.errors import ConfigError, DStreamError, MetadataLostError, NotLeaderError
 from engine.plan import Plan
 from engine.scheduler import tune_gc
 from ops import metrics, startup
+from ops import protocol as wire
 from ops.config import Settings
+from ops.coordinator.bounded import decode_stops, encode_stops, kafka_offsets, source_bounds
 from ops.coordinator.durable import DurableWriter
 from ops.coordinator.leader import Leader, status_of
 from ops.coordinator.leadership import LeaderElection
 from ops.coordinator.membership import WorkerClient
 from ops.coordinator.status import standby_status
+from ops.coordinator.tables import TableLoader, load_targets, table_partitions
 from ops.http import HttpEndpoints
 from ops.markers import check_markers, find_markers
 from ops.services import (
@@ -62,6 +68,8 @@ LOST_LEADERSHIP = 4
 #: Exit code of a coordinator that found the app's Redis metadata lost (or another run's):
 #: restarting does not help; restore Redis or run ``dstream reset`` (docs/operations.md).
 METADATA_LOST = 5
+#: How long a finished bounded run waits for each worker to take the ``finish`` call.
+FINISH_TIMEOUT_S = 5.0
 
 T = TypeVar("T")
 
@@ -90,6 +98,23 @@ class _FatalOnLost(DurableWriter):
             raise
 
 
+class _ForgetLoads:
+    """A completion listener: once a batch completed, forget the table load offsets."""
+
+    def __init__(self, metalog: MetaLog) -> None:
+        self.metalog = metalog
+        self.done = False
+
+    def on_batch_completed(self, _info: Any, _processing_s: float) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            self.metalog.clear_load_offsets()
+        except Exception as e:  # best effort: a later leader ignores them (not fresh)
+            log.debug("forgetting the table load offsets failed: %s", e)
+
+
 class Coordinator:
     """One coordinator process (``dstream coordinator``): leader or standby."""
 
@@ -100,9 +125,14 @@ class Coordinator:
         app_id: str,
         expect_workers: int = 1,
         metalog: MetaLog | None = None,
+        until: Bound | None = None,
     ) -> None:
         self.settings = settings
         self.app_id = app_id
+        #: ``--until``: bounds every Kafka source of the app (a bounded run)
+        self.until = until
+        #: a bounded run that finished: (records, batches, seconds); None while running
+        self.finished: tuple[int, int, float] | None = None
         self.ssc = build_context(app_path, settings)
         self.expect_workers = expect_workers
         topics = sorted(
@@ -196,6 +226,8 @@ class Coordinator:
             metadata_lost=self.election.metadata_lost,
             http_port=lambda: self.http.port if getattr(self, "http", None) else None,
         )
+        self._load_tables(fresh=resume.done is None and not resume.ranges)
+        self._bound_run()
 
     def _fail(self, error: str) -> None:
         """fail_on_error: the app stops with the error and the record's coordinates."""
@@ -203,23 +235,136 @@ class Coordinator:
         self.stopping.set()
 
     def _first_offsets(self, need: list[tuple[int, int, str, int]]) -> dict[tuple[int, int], int]:
-        """Where Kafka partitions the log does not cover start: earliest, or latest."""
-        from confluent_kafka import Consumer, TopicPartition
+        """Where Kafka partitions the log does not cover start: earliest, latest or a time."""
+        from confluent_kafka import Consumer
 
         c = Consumer(
             self.settings.kafka_client_config(
                 **{"group.id": f"dstream-{self.app_id}-coordinator", "enable.auto.commit": False}
             )
         )
-        pos = {}
         try:
-            for node, index, topic, part in need:
-                lo, hi = c.get_watermark_offsets(TopicPartition(topic, part), timeout=30)
-                latest = self.ssc.nodes[node].args.get("start") == "latest"
-                pos[(node, index)] = hi if latest else lo
+            return kafka_offsets(
+                c,
+                [
+                    (
+                        (node, index),
+                        topic,
+                        part,
+                        self.ssc.nodes[node].args.get("start_bound")
+                        or Bound(self.ssc.nodes[node].args.get("start", "earliest")),
+                    )
+                    for node, index, topic, part in need
+                ],
+            )
         finally:
             c.close()
-        return pos
+
+    # -- tables (#15) ---------------------------------------------------------------------
+    def _load_tables(self, *, fresh: bool) -> None:
+        """A fresh app's table topics: fix their end offsets; the first batch waits for them.
+
+        The ends are resolved from Kafka now and proposed to the metadata log, which keeps
+        the first leader's (a leader that takes over before the first batch loads up to
+        the same offsets). An app that logged a batch needs nothing: its tables come back
+        from their checkpoints and the logged ranges.
+        """
+        parts = table_partitions(self.ssc.nodes, self.layout)
+        if not parts:
+            return
+        if not fresh:
+            try:
+                self.metalog.clear_load_offsets()  # left by a leader that died after batch 0
+            except Exception as e:
+                log.debug("forgetting the table load offsets failed: %s", e)
+            return
+        ends = self._offsets([(k, t, p, Bound("end")) for k, (t, p) in parts.items()])
+        stored = decode_stops(self.metalog.load_offsets(encode_stops(ends)))
+        leader = self.leader
+        targets = load_targets(
+            {k: stored.get(k, off) for k, off in ends.items()}, leader.receivers.positions
+        )
+        if not targets:
+            return
+        leader.receivers.loads = targets
+        leader.clock.before_first_cut = TableLoader(
+            targets=targets,
+            layout=self.layout,
+            receivers=leader.receivers,
+            membership=leader.membership,
+            send_assignments=leader.clock.send_assignments,
+            io=self.io,
+            lock=self.lock,
+            stopping=self.stopping,
+            fail_app=self._fail,
+        ).wait
+        leader.completion.listeners.append(_ForgetLoads(self.metalog))
+
+    def _offsets(self, asked: list[tuple[Any, str, int, Bound]]) -> dict[Any, int]:
+        """The offsets of *asked* ``(key, topic, partition, bound)``, from Kafka (committed)."""
+        from confluent_kafka import Consumer
+
+        c = Consumer(
+            self.settings.kafka_client_config(
+                **{
+                    "group.id": f"dstream-{self.app_id}-coordinator",
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                }
+            )
+        )
+        try:
+            return kafka_offsets(c, asked)
+        finally:
+            c.close()
+
+    # -- bounded runs (#15) ----------------------------------------------------------------
+    def _bound_run(self) -> None:
+        """A bounded run: fix the stop offsets (once per run, kept in the metadata log).
+
+        The offsets are resolved from Kafka now and proposed to the metadata log, which
+        keeps the first run's: a restarted or new leader stops at the same offsets.
+        """
+        bounds = source_bounds(self.ssc.nodes, self.layout, self.until)
+        if not bounds:
+            return
+        proposed = self._offsets([(k, t, p, b) for k, (t, p, b) in bounds.items()])
+        stored = decode_stops(self.metalog.stop_offsets(encode_stops(proposed)))
+        stops = {k: stored.get(k, off) for k, off in proposed.items()}
+        self.leader.receivers.stops = stops
+        self.leader.clock.stops = stops
+        self.leader.clock.on_finished = self._finish_run
+        shown = sorted({b.describe() for _t, _p, b in bounds.values()})
+        pos = self.leader.receivers.positions
+        log.info(
+            "bounded run (until %s): %d offsets to read in %d partitions",
+            ", ".join(shown),
+            sum(max(0, off - pos.get(k, 0)) for k, off in stops.items()),
+            len(stops),
+        )
+
+    def _finish_run(self, records: int, batches: int, seconds: float) -> None:
+        """The bounded run's last batch completed: tell the workers, forget the stops.
+
+        The workers exit 0, as the executors of a finished Spark job do; the next run of
+        the app resumes after this one and computes its own end.
+        """
+        with self.lock:
+            workers = list(self.leader.membership.workers.values())
+        calls = [
+            (w, self.io.submit(w.client.send, wire.Finish(records, batches), FINISH_TIMEOUT_S))
+            for w in workers
+        ]
+        for w, f in calls:
+            try:
+                f.result()
+            except Exception as e:
+                log.warning("telling %s the run finished failed: %s", w.id, e)
+        try:
+            self.metalog.clear_stop_offsets()
+        except Exception as e:
+            log.warning("forgetting the stop offsets failed: %s", e)
+        self.finished = (records, batches, seconds)
 
     def _start_leading(self) -> None:
         log.info(
@@ -310,6 +455,7 @@ class Coordinator:
             ready=lambda: self.election.answers() and not self.stopping.is_set(),
             status=self.status,
             token=token,
+            query=self.query_http,
         ).start()
         log.info(
             "coordinator %s up on %s:%d (app %s); waiting for the lease",
@@ -366,6 +512,22 @@ class Coordinator:
             raise DStreamError(msg)
         return handler(params)
 
+    def query_http(
+        self, stream: str, keys: list[str], prefix: str, limit: int | None
+    ) -> tuple[int, dict[str, Any]]:
+        """``GET /api/state/{stream}``: the HTTP code and JSON body of a query (the leader's)."""
+        from engine.query import QueryError
+        from ops.protocol import Query
+
+        if not self.election.answers():
+            leader = self.metalog.leader() if not self.holds_lease() else None
+            where = leader.holder if leader and leader.holder != self.holder else "unknown"
+            return 503, {"error": f"this coordinator does not lead; the leader is {where}"}
+        try:
+            return 200, self.leader.queries.answer(Query(self.app_id, stream, keys, prefix, limit))
+        except QueryError as e:
+            return e.status, {"error": str(e)}
+
     def status(self) -> dict[str, Any]:
         """The leader's view of batches, workers and receivers (a standby's: the leader)."""
         if not self.holds_lease():
@@ -373,15 +535,25 @@ class Coordinator:
         return status_of(self.leader)
 
 
-def run_coordinator(settings: Settings, app_path: str, app_id: str, expect_workers: int) -> int:
+def run_coordinator(
+    settings: Settings,
+    app_path: str,
+    app_id: str,
+    expect_workers: int,
+    until: Bound | None = None,
+) -> int:
     """Run a coordinator until SIGTERM/SIGINT, app failure, deposition or lost metadata.
 
-    Returns the exit code: 0 asked to stop, :data:`APP_FAILED`, :data:`LOST_LEADERSHIP`,
-    :data:`METADATA_LOST`.
+    A bounded run (*until*, or a source's ``stop``) also stops when it finished, after its
+    last batch committed: it prints one summary line (records, batches, seconds) and
+    returns 0.
+
+    Returns the exit code: 0 asked to stop (or finished), :data:`APP_FAILED`,
+    :data:`LOST_LEADERSHIP`, :data:`METADATA_LOST`.
     """
     if not settings.metrics:
         metrics.disable()
-    c = Coordinator(settings, app_path, app_id, expect_workers)
+    c = Coordinator(settings, app_path, app_id, expect_workers, until=until)
     tune_gc()
     done = threading.Event()
 
@@ -394,6 +566,15 @@ def run_coordinator(settings: Settings, app_path: str, app_id: str, expect_worke
     while not done.wait(0.2):
         if c.failed is not None or c.deposed or c.metadata_lost is not None:
             break
+        if c.finished is not None:
+            break
+    if c.finished is not None:
+        records, batches, seconds = c.finished
+        print(
+            f"bounded run finished: {records} records, {batches} batches, "
+            f"{seconds:.2f} seconds ({records / max(seconds, 1e-9):.0f} records/s)",
+            flush=True,
+        )
     c.stop()
     if c.metadata_lost is not None:
         return METADATA_LOST

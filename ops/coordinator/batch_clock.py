@@ -13,15 +13,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Executor
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from engine.scheduler import Scheduler
 from ops import metrics
 from ops import protocol as wire
+from ops.coordinator.bounded import POLL_S, Pacer, is_behind, reached
 from ops.coordinator.completion import BatchInfo, Completion
-from ops.coordinator.dispatch import Dispatcher
+from ops.coordinator.dispatch import Dispatcher, quiet_send
 from ops.coordinator.durable import DurableWriter
 from ops.coordinator.membership import CALL_TIMEOUT_S, Membership, WorkerInfo
 from ops.coordinator.receivers import ReceiverTracker
@@ -29,9 +31,14 @@ from state.metalog import MetaLog
 
 log = logging.getLogger("dstream.coordinator")
 
-#: Seal calls wait this long for a worker; a worker slower than that is treated as lost
-#: for this batch (its partitions' records simply land in its next block).
+#: A seal call's own timeout (the RPC gives up on the worker after it).
 SEAL_TIMEOUT_S = CALL_TIMEOUT_S
+#: The batch is cut without a worker whose seal answer takes longer than one batch
+#: interval (at least this long): a paused or overloaded worker costs the others at most
+#: about one interval, not the heartbeat timeout. Its partitions get empty ranges for
+#: that batch; while its answer is outstanding it is not sealed again, and once it comes
+#: the partitions are read again from their logged position (``ReceiverTracker.continuing``).
+SEAL_WAIT_MIN_S = 0.25
 #: The longest the first batch waits for ``--expect-workers`` (Spark's default
 #: ``spark.scheduler.maxRegisteredResourcesWaitingTime``); it then starts with whoever joined.
 REGISTRATION_WAIT_S = 30.0
@@ -39,6 +46,9 @@ REGISTRATION_WAIT_S = 30.0
 #: first batch waits at most this long for ``--expect-workers`` (a scaled-down fleet has
 #: fewer than the chart's replica count says).
 REJOIN_WAIT_S = 2.0
+#: A finished bounded run waits at most this long for the metadata log to mark its last
+#: batch done (written after the batch's dead letters commit) before it says it finished.
+FINISH_DURABLE_WAIT_S = 30.0
 
 
 class BatchClock:
@@ -97,9 +107,18 @@ class BatchClock:
         self.stopping = stopping
         self.may_act = may_act
         self.rate_cap = rate_cap
+        #: worker id -> its seal call not answered in time (not sealed again meanwhile)
+        self.late: dict[str, Future[Any]] = {}
 
     def run(self) -> None:
-        """The ``batch-clock`` thread: until stopped, one batch every interval."""
+        """The ``batch-clock`` thread: until stopped, one batch every interval.
+
+        Batch ``k`` of this leader is stamped ``start + k * interval``; while the input is
+        behind (a backlog, a bounded run) it is cut as soon as the previous batch
+        completed, not at that time (:class:`.bounded.Pacer`). A bounded run stops
+        cutting once every partition was logged up to its stop offset, and finishes
+        (:meth:`finish`) when its last batch completed.
+        """
         # a new app waits for its fleet; one that ran before resumes with the workers that
         # rejoin (they do within a heartbeat or two), not with the number it was told
         if not self.await_workers(REGISTRATION_WAIT_S if self.fresh else REJOIN_WAIT_S):
@@ -112,22 +131,129 @@ class BatchClock:
             if self.stopping.is_set():
                 return  # stopped while assigning (the I/O pool is already shut down)
             raise
+        if self.before_first_cut is not None and not self.before_first_cut():
+            return  # stopped (or the app failed) while loading its tables
         # the first batch is cut at once: after a takeover, the records since the last
         # leader's last batch are already waiting
-        start = time.time()
-        k = -1
+        pacer = Pacer(self.interval_s, time.time())
+        self.started_at = time.monotonic()
+        with self.lock:
+            for b in self.replay:
+                if b < self.next_batch:
+                    self.sealed_batches += 1
+                    ranges = self.receivers.ranges.get(b, {})
+                    self.sealed_records += sum(r.records for r in ranges.values())
+        progress = self.watch_completions()
+        k = 0
+        last_cut, last_records = 0.0, 1
         while not self.stopping.is_set():
-            k += 1
-            wake = start + k * self.interval_s
-            delay = wake - time.time()
-            if delay > 0 and self.stopping.wait(delay):
-                return
+            progress.clear()  # before reading the state: a completion after it wakes us
+            with self.lock:
+                if self.stops and reached(
+                    self.receivers.positions, self.stops, self.receivers.positions
+                ):
+                    break
+                behind = self.behind()
+                in_flight = len(self.completion.batches)
+                last = self.completion.history[-1] if self.completion.history else None
+                took = last.done_at - last.sealed_at if last and last.done_at else 0.0
+            delay = pacer.wait(
+                k,
+                time.time(),
+                behind=behind,
+                in_flight=in_flight,
+                last_cut=last_cut,
+                last_records=last_records,
+                last_took=took,
+            )
+            if delay > 0:
+                if behind:
+                    progress.wait(delay)
+                elif self.stopping.wait(delay):
+                    return
+                continue
+            last_cut = time.time()
+            b = self.next_batch
             try:
-                self.seal_batch(int(wake * 1000))
+                self.seal_batch(pacer.time_ms(k))
             except Exception:
                 if self.stopping.is_set():
                     return  # stopping (e.g. the metadata was lost): already said, once
                 log.exception("sealing a batch failed")
+            k += 1
+            with self.lock:
+                last_records = sum(r.records for r in self.receivers.ranges.get(b, {}).values())
+                if self.next_batch > b:
+                    self.sealed_records += last_records
+                    self.sealed_batches += 1
+        if not self.stopping.is_set():
+            self.finish(progress)
+
+    # -- catch-up and bounded runs (#15) ---------------------------------------------------
+    #: a bounded run's stop offset per input partition (empty: unbounded); set by the leader
+    stops: dict[tuple[int, int], int] = {}  # noqa: RUF012 (replaced, never mutated)
+    #: called once a bounded run's last batch completed: (records, batches, seconds)
+    on_finished: Callable[[int, int, float], None] | None = None
+    #: a fresh app's table load (:class:`.tables.TableLoader`): called after the first
+    #: assignment, it blocks until the tables are loaded; False: stop (set by the leader)
+    before_first_cut: Callable[[], bool] | None = None
+    #: records and batches this leader sealed (or replayed), for the finished run's summary
+    sealed_records = 0
+    sealed_batches = 0
+    started_at = 0.0
+
+    def watch_completions(self) -> threading.Event:
+        """An event set whenever a batch completes (the clock waits on it while behind)."""
+        event = threading.Event()
+
+        class _Listener:
+            def on_batch_completed(self, _info: BatchInfo, _processing_s: float) -> None:
+                event.set()
+
+        with self.lock:
+            self.completion.listeners.append(_Listener())
+        return event
+
+    def behind(self) -> bool:
+        """Whether the input is behind (:func:`.bounded.is_behind`); lock held."""
+        last = self.receivers.ranges.get(self.next_batch - 1, {})
+        lag = sum(n for w in self.membership.workers.values() for n in w.lag.values())
+        return is_behind(
+            positions=self.receivers.positions,
+            stops=self.stops,
+            last=last,
+            cap=self.rate_cap() or self.receivers.max_records,
+            lag=lag,
+        )
+
+    def finish(self, progress: threading.Event) -> None:
+        """A bounded run cut its last batch: wait until it completed and is durable, then say so.
+
+        Waits for every batch in flight (recovery included: a lost worker's tasks rerun),
+        then for the metadata log to mark the last one done (so a restart would not replay
+        it), then calls :attr:`on_finished`.
+        """
+        last = self.next_batch - 1
+        done: int | None = None
+        log.info("bounded run: every input partition was read up to its stop offset")
+        while not self.stopping.is_set():
+            progress.clear()
+            with self.lock:
+                done = self.completion.done
+                if not self.completion.batches and (done is None or done >= last):
+                    break
+            progress.wait(POLL_S)
+        deadline = time.monotonic() + FINISH_DURABLE_WAIT_S
+        while not self.stopping.is_set() and done is not None and time.monotonic() < deadline:
+            marked = self.metalog.done()
+            if marked is not None and marked >= last:
+                break
+            self.stopping.wait(POLL_S)
+        if self.stopping.is_set():
+            return
+        seconds = time.monotonic() - self.started_at
+        if self.on_finished is not None:
+            self.on_finished(self.sealed_records, self.sealed_batches, seconds)
 
     def await_workers(self, wait_s: float) -> bool:
         """Wait for ``expect_workers`` workers, or *wait_s* and at least one; False if stopped.
@@ -175,6 +301,75 @@ class BatchClock:
             except Exception as e:
                 log.warning("assigning partitions to %s failed: %s", w.id, e)
 
+    def collect_seals(self, b: int, workers: list[WorkerInfo]) -> list[wire.BlockReport]:
+        """Seal batch *b* on every worker at once; the reports of those that answer in time.
+
+        A worker still owing an earlier seal answer is skipped; one that does not answer
+        within the seal wait (:data:`SEAL_WAIT_MIN_S`, or the interval if longer) is left
+        out of this batch, and the blocks its late answer reports are freed on their
+        holders (they are in no logged range).
+        """
+        seal = wire.Seal(b, self.rate_cap())
+        sent: dict[str, Future[Any]] = {}
+        for w in workers:
+            owed = self.late.get(w.id)
+            if owed is not None and not owed.done():
+                continue
+            self.late.pop(w.id, None)
+            sent[w.id] = self.io.submit(w.client.send, seal, SEAL_TIMEOUT_S)
+        futures.wait(sent.values(), timeout=max(self.interval_s, SEAL_WAIT_MIN_S))
+        reports: list[wire.BlockReport] = []
+        for wid, f in sent.items():
+            if not f.done():
+                log.warning(
+                    "worker %s did not answer the seal of batch %d within %.2f s: batch %d is "
+                    "cut without it, and it is not sealed again until it answers",
+                    wid,
+                    b,
+                    max(self.interval_s, SEAL_WAIT_MIN_S),
+                    b,
+                )
+                metrics.LATE_SEALS.inc()
+                self.late[wid] = f
+                f.add_done_callback(self._late_answer)
+                continue
+            try:
+                reports.extend(wire.BlockReport.from_wire(r) for r in f.result())
+            except Exception as e:
+                log.warning("seal of batch %d on %s failed: %s", b, wid, e)
+        return reports
+
+    def _late_answer(self, f: Future[Any]) -> None:
+        """A seal answered after its batch was cut: free the blocks it reports."""
+        if f.cancelled() or f.exception() is not None or self.stopping.is_set():
+            return
+        try:
+            reports = [wire.BlockReport.from_wire(r) for r in f.result()]
+        except Exception as e:  # a malformed answer: nothing to free
+            log.debug("a late seal answer could not be read: %s", e)
+            return
+        with self.lock:
+            self.free_unlogged(reports)
+
+    def free_unlogged(self, reports: Iterable[wire.BlockReport]) -> None:
+        """Drop the blocks of seal *reports* that no logged range names (lock held).
+
+        Best effort: a block left behind is only memory (a copy is checked against the
+        logged range before use).
+        """
+        per: dict[str, list[str]] = {}
+        for r in reports:
+            for h in r.holders:
+                per.setdefault(h, []).append(r.block)
+        for wid, blocks in per.items():
+            w = self.membership.workers.get(wid)
+            if w is None:
+                continue
+            try:
+                self.io.submit(quiet_send, w.client, wire.Free(blocks))
+            except RuntimeError:  # the I/O pool is shut down: stopping
+                return
+
     def replay_logged(self) -> None:
         """Batches an earlier coordinator logged but did not finish: run them again.
 
@@ -201,17 +396,13 @@ class BatchClock:
             b = self.next_batch
             self.next_batch += 1
             workers = list(self.membership.workers.values())
-        seal = wire.Seal(b, self.rate_cap())
-        futures = {w.id: self.io.submit(w.client.send, seal, SEAL_TIMEOUT_S) for w in workers}
-        reports: list[wire.BlockReport] = []
-        for wid, f in futures.items():
-            try:
-                reports.extend(wire.BlockReport.from_wire(r) for r in f.result())
-            except Exception as e:
-                log.warning("seal of batch %d on %s failed: %s", b, wid, e)
-        info = BatchInfo(b, time_ms, time.monotonic())
+        reports = self.collect_seals(b, workers)
+        info = BatchInfo(b, time_ms, time.monotonic(), cut_delay=time.time() - time_ms / 1000)
         with self.lock:
-            reports = self.receivers.continuing(reports)
+            ok = self.receivers.continuing(reports)
+            kept = {id(r) for r in ok}
+            self.free_unlogged(r for r in reports if id(r) not in kept)
+            reports = ok
             info.ranges = self.receivers.record_batch(b, time_ms, reports)
         info.records = sum(r.range.records for r in reports)
         # the offset ranges are durable before anything is scheduled

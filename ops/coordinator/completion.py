@@ -44,6 +44,8 @@ class BatchInfo:
     time_ms: int
     sealed_at: float
     records: int = 0
+    #: seconds from the batch time to its seal answers collected (wall clock)
+    cut_delay: float = 0.0
     first_task: float | None = None
     done_at: float | None = None
     ranges: dict[str, OffsetRange] = field(default_factory=dict)
@@ -179,15 +181,16 @@ class Completion:
                 )
 
     def persist(self, b: int, ckpts: list[tuple[int, int, int]], keep_from: int) -> None:
-        """Persist progress: batches done, checkpoints in force, lineage still needed."""
+        """Persist progress: checkpoints in force, batches done, lineage still needed.
+
+        One metadata write (:meth:`state.metalog.MetaLog.complete`: one Redis round trip
+        whatever the number of pointers), then the checkpoints the new pointers replace
+        are deleted.
+        """
         try:
+            self.durable.write("batch done", self.metalog.complete, self.epoch, b, ckpts, keep_from)
             for node, part, cb in ckpts:
-                self.durable.write(
-                    "checkpoint pointer", self.metalog.set_checkpoint, self.epoch, node, part, cb
-                )
                 self.checkpoints.delete_before(node, part, cb)
-            self.durable.write("batch done", self.metalog.mark_done, self.epoch, b)
-            self.metalog.forget_before(keep_from)
         except Exception as e:
             log.warning("marking batch %d done failed: %s", b, e)
 
@@ -197,6 +200,7 @@ class Completion:
                 "batch": i.batch,
                 "time_ms": i.time_ms,
                 "records": i.records,
+                "cut_delay": i.cut_delay,
                 "scheduling_delay": (i.first_task - i.sealed_at) if i.first_task else None,
                 "processing_time": (i.done_at - i.first_task)
                 if i.done_at and i.first_task

@@ -29,6 +29,7 @@ from ops.coordinator.dead_letters import DeadLetterCommitter
 from ops.coordinator.dispatch import Dispatcher
 from ops.coordinator.durable import DurableWriter
 from ops.coordinator.membership import Membership, WorkerClient
+from ops.coordinator.queries import StateQueries
 from ops.coordinator.rate_control import RateController
 from ops.coordinator.receivers import (
     Key,
@@ -206,7 +207,18 @@ class Leader:
             rate_cap=lambda: self.rate.cap,
             http_port=http_port,
         )
-        #: the method -> handler table of the calls workers make to the leader
+        #: answers ``dstream query`` and ``GET /api/state/...`` (named streams' state)
+        self.queries = StateQueries(
+            app_id=app_id,
+            scheduler=self.scheduler,
+            membership=self.membership,
+            checkpoints=checkpoints,  # type: ignore[arg-type]  # the store reads them too
+            times=self.receivers.times.get,
+            lock=lock,
+            first=resume.first,
+            interval_ms=interval_ms,
+        )
+        #: the method -> handler table of the calls workers (and tools) make to the leader
         self.handlers: wire.Handlers = {
             "register": lambda p: self.register(wire.Register.from_wire(p)).to_wire(),
             "heartbeat": lambda p: self.heartbeat(wire.Heartbeat.from_wire(p)).value,
@@ -216,6 +228,7 @@ class Leader:
                 self.dispatcher.request_commit(wire.RequestCommit.from_wire(p)).value
             ),
             "checkpointed": lambda p: self.checkpointed(wire.Checkpointed.from_wire(p)),
+            "query": lambda p: self.queries.answer(wire.Query.from_wire(p)),
         }
 
     @staticmethod
@@ -351,6 +364,7 @@ class Leader:
             workers = list(self.membership.workers.values())
         for w in workers:
             w.client.close()
+        self.queries.close()
         if self.completion.dead_letters is not None:
             self.completion.dead_letters.close()
 

@@ -25,6 +25,16 @@ Layout = Mapping[int, list[tuple[str, int]]]
 Key = tuple[int, int]
 
 
+def _input_key(bid: str) -> Key:
+    """(source node, partition index) of input block *bid* (``in/{node}/{batch}/{index}``).
+
+    One split instead of :func:`block_node` and :func:`block_part` (two): called per
+    reported block, thousands of times a batch in a large fleet.
+    """
+    parts = bid.split("/")
+    return int(parts[1]), int(parts[-1])
+
+
 def positions_after(ranges: Mapping[int, Mapping[str, OffsetRange]]) -> dict[Key, int]:
     """Next offset per (source node, partition index) after the logged batches."""
     pos: dict[Key, int] = {}
@@ -92,17 +102,24 @@ class ReceiverTracker:
         self.dirty = True
         #: blocks reported with fewer than two holders while two workers were live
         self.under_replicated = 0
+        #: a bounded run's stop offset per input partition (sent with the assignments)
+        self.stops: dict[Key, int] = {}
+        #: a fresh app's table load targets (sent with the assignments until a batch is logged)
+        self.loads: dict[Key, int] = {}
 
     # -- assignment ------------------------------------------------------------------------
     def assign(self, workers: Iterable[str]) -> dict[str, Assign]:
         """Balanced round-robin of input partitions over *workers*; kept where possible.
 
         Returns the ``assign`` message of every worker (each worker's whole set, and its
-        replica peers: the next workers in sorted order). Deterministic.
+        replica peers: the next workers in sorted order). Deterministic. A table
+        partition's load target goes along only while no batch is logged.
         """
         ws = sorted(workers)
         if not ws:
             return {}
+        if self.loads and self.ranges:  # the first batch is logged: its blocks loaded them
+            self.loads = {}
         parts = sorted(self.positions)
         new: dict[Key, str] = {}
         load = dict.fromkeys(ws, 0)
@@ -122,7 +139,15 @@ class ReceiverTracker:
         for (node, idx), owner in new.items():
             topic, part = self.layout[node][idx]
             per[owner].append(
-                PartitionAssignment(node, idx, topic, part, self.positions[(node, idx)])
+                PartitionAssignment(
+                    node,
+                    idx,
+                    topic,
+                    part,
+                    self.positions[(node, idx)],
+                    self.stops.get((node, idx)),
+                    self.loads.get((node, idx)),
+                )
             )
         self.dirty = False
         return {
@@ -145,7 +170,7 @@ class ReceiverTracker:
         """
         ok: list[BlockReport] = []
         for r in reports:
-            key = (block_node(r.block), block_part(r.block))
+            key = _input_key(r.block)
             pos = self.positions.get(key)
             if pos is None or r.range.start == pos:
                 ok.append(r)
@@ -181,8 +206,9 @@ class ReceiverTracker:
 
     def advance(self, reports: list[BlockReport]) -> None:
         """The reported blocks are logged: their partitions continue after them."""
+        positions = self.positions
         for r in reports:
-            self.positions[(block_node(r.block), block_part(r.block))] = r.range.until
+            positions[_input_key(r.block)] = r.range.until
 
     def range_of(self, bid: str) -> OffsetRange | None:
         """The logged offset range of input block *bid* (None: not logged, or pruned)."""

@@ -2,8 +2,8 @@
 
 Local Kafka and Redis (:mod:`ops.tools.devservices`, ``devkit/``), the load harness
 (:mod:`ops.tools.produce`), the output checker (:mod:`ops.tools.verify`), the demo, and the
-``dstream`` commands ``run``, ``status``, ``dev``, ``produce`` and ``verify``. The runtime
-(the rest of :mod:`ops`) never imports this package, and the image does not install it: a
+``dstream`` commands ``run``, ``status``, ``query``, ``dev``, ``produce`` and ``verify``. The
+runtime (the rest of :mod:`ops`) never imports this package, and the image does not install it: a
 deployed pod's ``dstream`` has only ``coordinator`` and ``worker``.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 def register(sub: Any) -> None:
     """Add the tooling's ``dstream`` commands to the parser's sub-commands."""
-    from ops.tools import cli_dev, cli_produce, cli_run, cli_verify
+    from ops.tools import cli_dev, cli_produce, cli_query, cli_run, cli_verify
 
-    for module in (cli_run, cli_dev, cli_produce, cli_verify):
+    for module in (cli_run, cli_dev, cli_produce, cli_verify, cli_query):
         module.register(sub)
 
 

@@ -18,11 +18,13 @@ from typing import Any
 from engine.errors import ConfigError
 from ops.cli_roles import (
     add_common_args,
+    add_until_arg,
     app_of,
     log_level,
     require_secret,
     role_settings,
     setup_logging,
+    until_of,
 )
 
 log = logging.getLogger("dstream.run")
@@ -43,6 +45,7 @@ def register(sub: Any) -> None:
     )
     add_common_args(p, app_positional=True)
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    add_until_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="show batches, workers and receivers of a running app")
@@ -71,6 +74,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = role_settings(args)
     app_id = app_id_for(args.app, settings)
     ssc = build_context(args.app, settings)  # a broken app file fails here, once, clearly
+    until = until_of(args)  # a bad --until fails here too
+    # a bounded run ends when its coordinator exits 0 (after the summary line); its workers
+    # exit 0 when told the run finished, which must not stop the fleet before that
+    bounded = until is not None or any(n.args.get("stop_bound") for n in ssc.nodes)
     from ops.startup import app_dependencies, wait_for_dependencies
 
     # Kafka or Redis down: one line each here, not one per process of the fleet
@@ -106,12 +113,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     # workers share this host: each takes free ports (deployed, each has the fixed ones)
     worker_env = {**env, "DSTREAM_HTTP_PORT": "0", "DSTREAM_RPC_PORT": "0"}
     coord = [*base, "coordinator", *common, "--expect-workers", str(args.workers)]
+    if args.until:
+        coord += ["--until", args.until]
     worker = [*base, "worker", *common]
     roles = [("coordinator", coord, coord_env)] + [
         (f"worker-{i}", worker, worker_env) for i in range(args.workers)
     ]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     restarts: list[float] = []
+    finished: set[str] = set()
     try:
         for name, cmd, role_env in roles:
             procs[name] = subprocess.Popen(cmd, env=role_env, preexec_fn=_die_with_parent)
@@ -125,7 +135,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         while True:
             for name, cmd, role_env in roles:
                 code = procs[name].poll()
-                if code is None:
+                if code is None or (code == 0 and bounded and name in finished):
+                    continue
+                if code == 0 and bounded and name != "coordinator":
+                    finished.add(name)  # told the bounded run finished: wait for the summary
                     continue
                 if code == 0:  # asked to stop (SIGTERM/SIGINT): the fleet is stopping
                     log.info("%s stopped; stopping the fleet", name)

@@ -31,7 +31,7 @@ from ops.rpc import RpcClient
 from ops.services import build_context, redis_client, rpc_client, rpc_server
 from ops.sinks import FleetSinks
 from ops.worker.membership import WorkerMembership
-from ops.worker.peers import PeerHealth
+from ops.worker.peers import PeerHealth, PeerPool
 from ops.worker.task_runner import TaskRunner
 from state.blockstore import BlockStore
 from state.checkpoint import RedisCheckpointStore
@@ -68,7 +68,10 @@ class Worker:
         )
         self.server = rpc_server(settings, self._handle, port=settings.rpc_port, name="worker")
         self.coordinator = LeaderClient(settings)
-        self.peers: dict[str, RpcClient] = {}
+        #: clients of the peer workers, with bounded open connections (idle ones closed)
+        self.peer_pool: PeerPool[RpcClient] = PeerPool(
+            lambda addr: rpc_client(settings, addr), settings.peer_connections
+        )
         self.peer_ids: list[str] = []
         #: peers that missed a deadline lately (tried last when replicating or fetching)
         self.peer_health = PeerHealth(settings.heartbeat_timeout)
@@ -76,6 +79,8 @@ class Worker:
         self.queue_parts: dict[int, int] = {}  # queue source node -> assigned
         self.id = ""
         self.stopping = threading.Event()
+        #: set when the coordinator says a bounded run finished (``finish``): exit 0
+        self.finished = threading.Event()
         self._lock = threading.Lock()
         self.membership = WorkerMembership(
             settings,
@@ -120,6 +125,12 @@ class Worker:
             "assign": lambda p: self._assign(wire.Assign.from_wire(p)),
             "free": lambda p: self._free(wire.Free.from_wire(p)),
             "cancel": lambda p: self.tasks.cancel(wire.Cancel.from_wire(p)),
+            "finish": lambda p: self._finish(wire.Finish.from_wire(p)),
+            "query_part": lambda p: self._query_part(wire.QueryPartition.from_wire(p)),
+            "await_load": lambda p: [
+                wire.TableLoad(*t).to_wire()
+                for t in self.receivers.wait_loaded(wire.AwaitLoad.from_wire(p).wait_s)
+            ],
             "ping": lambda _p: self.id,
         }
 
@@ -168,6 +179,7 @@ class Worker:
             live=lambda: not self.stopping.is_set() and not self.receivers.errors,
             ready=lambda: self.plan is not None and not self.stopping.is_set(),
         ).start()
+        self.peer_pool.start()
         log.info(
             "worker %s up (app %s, %d slots, rpc :%d, http :%d); joining coordinator %s",
             self.id,
@@ -199,8 +211,7 @@ class Worker:
         clean = _join_all(self.tasks.threads(), end)
         self.server.stop()
         self.coordinator.close()
-        for c in list(self.peers.values()):
-            c.close()
+        self.peer_pool.close()
         self.sinks.close()
         return clean
 
@@ -280,12 +291,34 @@ class Worker:
         return len(self.store)
 
     def _peer(self, addr: str) -> RpcClient:
-        with self._lock:
-            c = self.peers.get(addr)
-            if c is None:
-                c = rpc_client(self.settings, addr)
-                self.peers[addr] = c
-            return c
+        return self.peer_pool.get(addr)
+
+    def _finish(self, msg: wire.Finish) -> bool:
+        """A bounded run finished (all its batches committed): stop, and exit 0."""
+        log.info("the bounded run finished (%d records, %d batches)", msg.records, msg.batches)
+        self.finished.set()
+        return True
+
+    def _query_part(self, msg: wire.QueryPartition) -> dict[str, Any]:
+        """Select from one partition of a queryable stream at a batch (``dstream query``).
+
+        Reads the partition's blocks as a task would (here, from the holders named, or the
+        checkpoint); raises :class:`engine.executor.BlockMissing` when one is gone, and the
+        coordinator asks elsewhere. Changes nothing.
+        """
+        from engine.query import read_partition, select
+
+        plan, executor = self.tasks.plan, self.tasks.executor
+        if plan is None or executor is None:
+            msg_ = "not registered yet: no plan to read state with"
+            raise DStreamError(msg_)
+        node = plan.by_id[msg.node]
+        items = read_partition(
+            executor, node, msg.batch, msg.part, self.tasks.fetcher(msg.locations)
+        )
+        kind = "window" if node.kind == "window" else "state"
+        entries, more = select(kind, items, msg.keys, msg.prefix, msg.limit)
+        return {"items": entries, "more": more}
 
     def _assign(self, msg: wire.Assign) -> bool:
         """Read exactly the partitions of *msg* from their start offsets (replaces all)."""
@@ -304,6 +337,8 @@ class Worker:
                     a.partition,
                     a.start,
                     bool(n.args.get("with_metadata")),
+                    a.stop,
+                    a.load_until,
                 )
             )
         self.receivers.assign(parts)
@@ -412,7 +447,9 @@ def run_worker(
     except startup.DependencyUnreachable:
         w.stop(stop_deadline_s)
         raise
-    done.wait()
+    while not done.wait(0.2):
+        if w.finished.is_set():  # a bounded run finished: exit 0, like a finished job
+            break
     log.info("worker %s stopping", w.id)
     if not w.stop(stop_deadline_s):
         log.warning("tasks still running after %.0f s abandoned (they are rerun)", stop_deadline_s)

@@ -62,8 +62,7 @@ def workers(
         w.stopping.set()
         w.server.stop()
         w.coordinator.close()
-        for c in w.peers.values():
-            c.close()
+        w.peer_pool.close()
 
 
 def test_input_block_range_reads_the_header_only() -> None:

@@ -23,6 +23,8 @@ MESSAGES: list[Any] = [
     wire.RequestCommit("out/4/7/0", 0, "w"),
     wire.Checkpointed(3, 1, 9, 4096, 0.5),
     wire.Status(),
+    wire.Query("app", "counts", ["a", "42"], "", None),
+    wire.Query("app", "counts", prefix="/p", limit=5),
     wire.Seal(7, 100),
     wire.Seal(8),
     wire.BlockReport("in/0/7/1", OffsetRange("pv", 1, 10, 20, 10), 512, ["a", "b"]),
@@ -33,6 +35,12 @@ MESSAGES: list[Any] = [
     wire.ReplicateTo("in/0/7/1", "b"),
     wire.Free(["in/0/1/0", "rd/3/1/0"]),
     wire.Cancel("rd/3/7/1", 1),
+    wire.Finish(5_000_000, 42),
+    wire.AwaitLoad(1.0),
+    wire.TableLoad("users", 0, 300, 900),
+    wire.Assign([wire.PartitionAssignment(1, 0, "users", 0, 0, None, 900)], ["a"]),
+    wire.Assign([wire.PartitionAssignment(0, 2, "pv", 2, 40, 90)], ["a"]),
+    wire.QueryPartition(3, 7, 1, {"rd/3/7/1": ["a", "@checkpoint"]}, ["a"], "", 100),
     wire.Fetch("sh/2/0/7/1", 3),
     wire.Replicate("in/0/7/1", b"\x00\x01"),
 ]
@@ -52,9 +60,18 @@ def test_messages_are_frozen_with_slots(msg: Any) -> None:
 def test_every_message_has_its_method() -> None:
     calls = [m for m in MESSAGES if type(m) in wire.METHODS]
     assert {wire.method_of(m) for m in calls} == set(wire.METHODS.values())
-    assert {"seal", "launch", "assign", "free", "cancel", "read_input", "replicate_to"} == (
-        wire.COORDINATOR_CALLS
-    )
+    assert {
+        "seal",
+        "launch",
+        "assign",
+        "free",
+        "cancel",
+        "read_input",
+        "replicate_to",
+        "finish",
+        "query_part",
+        "await_load",
+    } == (wire.COORDINATOR_CALLS)
 
 
 def test_answers_keep_their_wire_strings() -> None:

@@ -58,6 +58,11 @@ def expand(text: str, env: Mapping[str, str]) -> str:
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", sub, text)
 
 
+def mac_of(ip: str) -> str:
+    """A locally administered MAC address made of an IPv4 address (``02:42:a:b:c:d``)."""
+    return "02:42:" + ":".join(f"{int(x):02x}" for x in ip.split("."))
+
+
 class Pod:
     """One pod: its container, its probes, its deletion. Methods are thread-safe.
 
@@ -250,6 +255,10 @@ class Pod:
         args = ["run", "-d", "--name", self.container, *labels()]
         args += ["--label", f"{LABEL}.pod={self.name}", "--hostname", self.hostname]
         args += ["--network", self.cluster.network.name, "--ip", self.ip]
+        # a MAC fixed by the address: a container restarted in place (or a new pod given a
+        # freed address) keeps the MAC the host's neighbour table has for that address;
+        # with a new random one, probes went to the old MAC until the entry went stale
+        args += ["--mac-address", mac_of(self.ip)]
         args += ["--dns", self.cluster.network.gateway, "--dns-option", "ndots:5"]
         for d in (f"{self.namespace}.svc.cluster.local", "svc.cluster.local", "cluster.local"):
             args += ["--dns-search", d]

@@ -112,7 +112,8 @@ def is_behind(
     Behind when a bounded partition has not reached its stop, when a partition of the
     last batch was cut at the cap (its records wait in Kafka), or when more records wait
     than the last batch held: a backlog. A steady stream's lag (the records of a fraction
-    of an interval) is less than a batch, so a live app that kept up follows the clock.
+    of an interval) is less than a batch, so a live app that kept up follows the clock;
+    so does one whose last batch was empty (a reported lag is then stale).
 
     Args:
         positions: next offset per input partition (after the last logged batch).
@@ -126,7 +127,12 @@ def is_behind(
         return True
     if cap and any(r.records >= cap for r in last.values()):
         return True
-    return lag > sum(r.records for r in last.values())
+    held = sum(r.records for r in last.values())
+    if last and not held:
+        # the receivers had nothing to cut: the lag they reported (with their last
+        # heartbeat) is stale, and cutting at once would only cut empty batches back to back
+        return False
+    return lag > held
 
 
 @dataclass

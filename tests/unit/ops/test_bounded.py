@@ -124,6 +124,8 @@ def test_behind_when_the_last_batch_hit_the_cap_or_a_backlog_waits() -> None:
     assert is_behind(positions=pos, stops={}, last=_ranges(600, 400), cap=None, lag=5000)
     assert is_behind(positions=pos, stops={}, last={}, cap=None, lag=1)
     assert not is_behind(positions=pos, stops={}, last={}, cap=None, lag=0)
+    # the last batch was empty: a lag reported before it is stale -> follow the clock
+    assert not is_behind(positions=pos, stops={}, last=_ranges(0, 0), cap=None, lag=5000)
 
 
 def test_batch_times_advance_by_the_interval_whatever_the_pace() -> None:

@@ -295,26 +295,15 @@ class Receivers:
         right after every delivered record was appended (a pending reassignment means
         records were dropped: then nothing is skipped).
         """
-        from confluent_kafka import TopicPartition
-
         with self._lock:
-            if self._reassign.is_set():
-                return
             open_ = [
                 p
                 for p in self._parts.values()
                 if p.stop is not None and not p.paused and not p.finished
             ]
-            if not open_:
-                return
-            try:
-                got = self._consumer.position([TopicPartition(p.topic, p.partition) for p in open_])
-            except Exception as e:
-                log.debug("positions: %s", e)
-                return
-            for p, tp in zip(open_, got, strict=True):
+            for p, offset in self._positions(open_):
                 stop = p.stop
-                if stop is not None and tp.offset is not None and tp.offset >= stop:
+                if stop is not None and offset >= stop:
                     p.position = stop
                     self._reassign.set()
 
@@ -325,23 +314,28 @@ class Receivers:
         markers or aborted records, never delivered. On the polling thread, right after
         every delivered record was appended.
         """
+        with self._lock:
+            open_ = [p for p in self._parts.values() if p.loading and not p.paused]
+            for p, offset in self._positions(open_):
+                until = p.load_until
+                if until is not None and offset >= until:
+                    p.position = until
+
+    def _positions(self, parts: list[_Part]) -> list[tuple[_Part, int]]:
+        """The consumer's position of each of *parts* (lock held).
+
+        None while a reassignment is pending (records were dropped) or when Kafka cannot say.
+        """
         from confluent_kafka import TopicPartition
 
-        with self._lock:
-            if self._reassign.is_set():
-                return
-            open_ = [p for p in self._parts.values() if p.loading and not p.paused]
-            if not open_:
-                return
-            try:
-                got = self._consumer.position([TopicPartition(p.topic, p.partition) for p in open_])
-            except Exception as e:
-                log.debug("positions: %s", e)
-                return
-            for p, tp in zip(open_, got, strict=True):
-                until = p.load_until
-                if until is not None and tp.offset is not None and tp.offset >= until:
-                    p.position = until
+        if not parts or self._reassign.is_set():
+            return []
+        try:
+            got = self._consumer.position([TopicPartition(p.topic, p.partition) for p in parts])
+        except Exception as e:
+            log.debug("positions: %s", e)
+            return []
+        return [(p, tp.offset) for p, tp in zip(parts, got, strict=True) if tp.offset is not None]
 
     def _append(self, msgs: list[Any]) -> None:
         cap = self.max_records

@@ -212,33 +212,43 @@ class MetaLog(ABC):
     def first_batch(self, proposed: int) -> int:
         """The app's first batch: *proposed* on the first call ever, the stored one after."""
 
-    def stop_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
-        """A bounded run's stop offsets: *proposed* unless a run's are stored; those in force.
+    def fixed_offsets(self, name: str, proposed: dict[str, int]) -> dict[str, int]:
+        """Offsets fixed once under *name*: *proposed* unless some are stored; those in force.
 
-        Keyed ``"node/index"`` (an input partition of a source), ``until`` exclusive. Set
-        once at the first start of a bounded run, so a restarted or new leader stops at
-        the same offsets; :meth:`clear_stop_offsets` when the run finished (the next run
-        of the app computes its own end, as Spark's ``Trigger.AvailableNow`` does).
+        Keyed ``"node/index"`` (an input partition of a source). The first call stores
+        them, so a restarted or new leader uses the same ones until
+        :meth:`clear_fixed_offsets`.
         """
         raise NotImplementedError
+
+    def clear_fixed_offsets(self, name: str) -> None:
+        """Forget the offsets fixed under *name*."""
+        raise NotImplementedError
+
+    def stop_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
+        """A bounded run's stop offsets (``until`` exclusive), fixed at its first start.
+
+        Cleared by :meth:`clear_stop_offsets` when the run finished (the next run of the
+        app computes its own end, as Spark's ``Trigger.AvailableNow`` does).
+        """
+        return self.fixed_offsets("stop", proposed)
 
     def clear_stop_offsets(self) -> None:
         """Forget the stop offsets of a bounded run that finished."""
-        raise NotImplementedError
+        self.clear_fixed_offsets("stop")
 
     def load_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
-        """A fresh app's table load targets: *proposed* unless some are stored; those in force.
+        """A fresh app's table load targets, fixed at its first start.
 
-        Keyed ``"node/index"`` as :meth:`stop_offsets`: the end offset of each table topic
-        partition when the app first started, which its first batch reads up to. Set once,
-        so a leader that takes over before the first batch is logged loads up to the same
-        offsets; :meth:`clear_load_offsets` once the first batch completed.
+        Each table topic partition's end offset when the app first started, which its
+        first batch reads up to (a leader that takes over before the first batch is logged
+        loads up to the same offsets).
         """
-        raise NotImplementedError
+        return self.fixed_offsets("load", proposed)
 
     def clear_load_offsets(self) -> None:
         """Forget the table load targets (the app's first batch completed)."""
-        raise NotImplementedError
+        self.clear_fixed_offsets("load")
 
     @abstractmethod
     def log_batch(self, epoch: int, b: int, ranges: dict[str, OffsetRange], time_ms: int) -> None:
@@ -308,6 +318,8 @@ class MemoryMetaLog(MetaLog):
         self._epoch: int | None = None  # None: no epoch key (nothing started, or lost)
         self._incarnation: str | None = None
         self._first: int | None = None
+        #: offsets fixed once, by name (:meth:`fixed_offsets`)
+        self._fixed: dict[str, dict[str, int]] = {}
         self._batches: dict[int, LoggedBatch] = {}
         self._done: int | None = None
         self._ckpt: dict[tuple[int, int], int] = {}
@@ -372,6 +384,7 @@ class MemoryMetaLog(MetaLog):
             self._epoch = None
             self._incarnation = None
             self._first = None
+            self._fixed.clear()
             self._batches.clear()
             self._done = None
             self._ckpt.clear()
@@ -383,25 +396,13 @@ class MemoryMetaLog(MetaLog):
                 self._first = proposed
             return self._first
 
-    def stop_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
+    def fixed_offsets(self, name: str, proposed: dict[str, int]) -> dict[str, int]:
         with self._lock:
-            if getattr(self, "_stops", None) is None:
-                self._stops: dict[str, int] | None = dict(proposed)
-            return dict(self._stops or {})
+            return dict(self._fixed.setdefault(name, dict(proposed)))
 
-    def clear_stop_offsets(self) -> None:
+    def clear_fixed_offsets(self, name: str) -> None:
         with self._lock:
-            self._stops = None
-
-    def load_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
-        with self._lock:
-            if getattr(self, "_loads", None) is None:
-                self._loads: dict[str, int] | None = dict(proposed)
-            return dict(self._loads or {})
-
-    def clear_load_offsets(self) -> None:
-        with self._lock:
-            self._loads = None
+            self._fixed.pop(name, None)
 
     def _fence(self, epoch: int) -> None:
         if self._epoch is None:
@@ -630,21 +631,13 @@ class RedisMetaLog(MetaLog):
         self.r.set(self.key("first"), proposed, nx=True)
         return int(self.r.get(self.key("first")))
 
-    def stop_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
-        self.r.set(self.key("stop"), pack(proposed), nx=True)
-        raw = self.r.get(self.key("stop"))
+    def fixed_offsets(self, name: str, proposed: dict[str, int]) -> dict[str, int]:
+        self.r.set(self.key(name), pack(proposed), nx=True)
+        raw = self.r.get(self.key(name))
         return dict(proposed) if raw is None else {str(k): int(v) for k, v in unpack(raw).items()}
 
-    def clear_stop_offsets(self) -> None:
-        self.r.delete(self.key("stop"))
-
-    def load_offsets(self, proposed: dict[str, int]) -> dict[str, int]:
-        self.r.set(self.key("load"), pack(proposed), nx=True)
-        raw = self.r.get(self.key("load"))
-        return dict(proposed) if raw is None else {str(k): int(v) for k, v in unpack(raw).items()}
-
-    def clear_load_offsets(self) -> None:
-        self.r.delete(self.key("load"))
+    def clear_fixed_offsets(self, name: str) -> None:
+        self.r.delete(self.key(name))
 
     def log_batch(self, epoch: int, b: int, ranges: dict[str, OffsetRange], time_ms: int) -> None:
         data = encode_logged(b, time_ms, ranges)

@@ -30,7 +30,7 @@ Recovery (``--recovery-workers``): in the middle of a batch (map stage done, red
 running), one worker is lost; the figure is the time of ``remove_worker`` plus the tick
 that follows, which re-launches the lost worker's attempts and map outputs and plans the
 rebuild of the state partition it held (lineage back to the checkpoint), with the part of
-it spent re-planning old batches (``Plan.tasks_for_batch``) apart.
+it spent re-planning old tasks (``Plan.task_for``) apart.
 
     .venv/bin/python -m bench.scale [--workers 50,100,200,400,1000] [--batches 20]
 """
@@ -129,7 +129,7 @@ class SimCoordinator:
         self.clock = 0.0
         self.tasks_done = 0
         self.plan_s = 0.0
-        #: seconds spent in Plan.tasks_for_batch so far (new batches and re-planned ones)
+        #: seconds spent planning so far (Plan.tasks_for_batch, and Plan.task_for re-planning)
         self.planning = 0.0
         plan_tasks = self.plan.tasks_for_batch
 
@@ -141,6 +141,16 @@ class SimCoordinator:
                 self.planning += cpu() - t0
 
         self.plan.tasks_for_batch = timed_tasks  # type: ignore[method-assign]
+        plan_one = self.plan.task_for
+
+        def timed_task(task_id: str, first: int) -> TaskSpec | None:
+            t0 = cpu()
+            try:
+                return plan_one(task_id, first)
+            finally:
+                self.planning += cpu() - t0
+
+        self.plan.task_for = timed_task  # type: ignore[method-assign]
         #: (seconds, of which re-planning old batches, launches, tasks re-planned) per loss
         self.recoveries: list[tuple[float, float, int, int]] = []
 
@@ -477,7 +487,7 @@ def report(args: argparse.Namespace, rows: list[dict], rec: dict | None, table: 
             f"(`remove_worker` + the next tick) <= {TARGET_RECOVERY_S * 1000:.0f} ms: p50 "
             f"{rec['p50'] * 1000:,.1f} ms, max {rec['max'] * 1000:,.1f} ms over "
             f"{rec['trials']} losses, **{c.verdict(rec['max'], TARGET_RECOVERY_S, False)}**. "
-            f"Of it, re-planning the batches since the checkpoint (`Plan.tasks_for_batch`, "
+            f"Of it, re-planning the tasks since the checkpoint, one by one (`Plan.task_for`, "
             f"{rec['recomputed']:,.0f} tasks re-planned for the lost state partition's "
             f"lineage): p50 {rec['replan_p50'] * 1000:,.1f} ms; the scheduler's own part at "
             f"most {rec['rest_max'] * 1000:,.1f} ms "

@@ -50,7 +50,6 @@ def collections_of(s: Scheduler) -> dict[str, int]:
         "sizes": len(s.sizes),
         "completed": len(s.completed),
         "queue": len(s._queue),
-        "plans": len(s._plans),
         "stages": len(s._stages),
         "splits": len(s._splits),
         "avail": len(s._avail),

@@ -24,9 +24,9 @@ and :func:`block_batch`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from engine.errors import GraphError
 from engine.graph import Node, is_stream_name
@@ -39,6 +39,75 @@ SHUFFLE = frozenset(
 KEYED = frozenset({"reduce_by_key", "group_by_key", "cogroup", "join", "state"})
 
 InputRef = tuple[str, int]  # (block id, shuffle bucket, or -1 for the whole block)
+
+
+class ShuffleInputs(Sequence[InputRef]):
+    """A reduce task's inputs, named by map stage: O(stages) to build, send and compare.
+
+    It reads bucket ``bucket`` of every output ``{stage}/0`` .. ``{stage}/{count - 1}`` of
+    each map stage in ``stages``, in that order, then the blocks in ``others`` (the
+    previous state partition, a table's partition). As a sequence it is exactly those
+    ``(block id, bucket)`` pairs, so code that walks a task's inputs need not know; the
+    planner and the coordinator use ``stages`` and never list the map outputs (at 1,000
+    workers a batch's reduces would otherwise name 5 M of them), as Spark's
+    ``ShuffleDependency`` names a shuffle rather than its map outputs.
+    """
+
+    __slots__ = ("_n", "bucket", "others", "stages")
+
+    def __init__(
+        self, stages: tuple[tuple[str, int], ...], bucket: int, others: tuple[InputRef, ...] = ()
+    ) -> None:
+        self.stages = stages
+        self.bucket = bucket
+        self.others = others
+        self._n = sum(c for _, c in stages) + len(others)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self) -> Iterator[InputRef]:
+        bucket = self.bucket
+        for g, count in self.stages:
+            for m in range(count):
+                yield (f"{g}/{m}", bucket)
+        yield from self.others
+
+    @overload
+    def __getitem__(self, i: int) -> InputRef: ...
+    @overload
+    def __getitem__(self, i: slice) -> tuple[InputRef, ...]: ...
+    def __getitem__(self, i: int | slice) -> InputRef | tuple[InputRef, ...]:
+        if isinstance(i, slice):
+            return tuple(self)[i]
+        if i < 0:
+            i += self._n
+        if not 0 <= i < self._n:
+            raise IndexError(i)
+        for g, count in self.stages:
+            if i < count:
+                return (f"{g}/{i}", self.bucket)
+            i -= count
+        return self.others[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ShuffleInputs):
+            return (self.stages, self.bucket, self.others) == (
+                other.stages,
+                other.bucket,
+                other.others,
+            )
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(other) == self._n and all(
+                a == tuple(b) for a, b in zip(self, other, strict=True)
+            )
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.stages, self.bucket, self.others))
+
+    def __repr__(self) -> str:
+        return f"ShuffleInputs({self.stages!r}, {self.bucket!r}, {self.others!r})"
 
 
 @dataclass(frozen=True)
@@ -54,7 +123,8 @@ class TaskSpec:
         side: for ``map`` tasks, which input of the node (join sides); else 0.
         batch: batch index (batch time = batch * interval).
         part: partition index.
-        inputs: blocks read, as (block id, bucket); bucket -1 reads the whole block.
+        inputs: blocks read, as (block id, bucket); bucket -1 reads the whole block. A
+            reduce's are a :class:`ShuffleInputs` (its map stages, not their outputs).
         stage: tasks of one stage share it; speculation compares a task with its stage.
 
     """
@@ -65,7 +135,7 @@ class TaskSpec:
     side: int
     batch: int
     part: int
-    inputs: tuple[InputRef, ...]
+    inputs: Sequence[InputRef]
     stage: str
 
 
@@ -296,57 +366,116 @@ class Plan:
         return tasks
 
     def _shuffle_tasks(self, n: Node, b: int, first: int) -> list[TaskSpec]:
-        tasks: list[TaskSpec] = []
-        map_ids: list[str] = []
-        table = n.parents[1].id if n.kind == "join" and n.args.get("table") else None
-        for side, parent in enumerate(n.parents):
-            if side == 1 and table is not None:
-                continue  # the table is read in place, partition p by reduce task p
-            for m in range(self.nparts[parent.id]):
-                tid = f"sh/{n.id}/{side}/{b}/{m}"
-                map_ids.append(tid)
-                tasks.append(
-                    TaskSpec(
-                        tid,
-                        "map",
-                        n.id,
-                        side,
-                        b,
-                        m,
-                        tuple(self.deps(parent, b, m, first)),
-                        f"map:{n.id}:{side}",
-                    )
-                )
-        for p in range(self.nparts[n.id]):
-            inputs = [(mid, p) for mid in map_ids]
-            prev = b - self.period[n.id]
-            if n.kind == "state" and prev >= first:
-                inputs.append((f"rd/{n.id}/{prev}/{p}", -1))
-            if table is not None:
-                inputs.append((f"rd/{table}/{b}/{p}", -1))
-            tasks.append(
-                TaskSpec(
-                    f"rd/{n.id}/{b}/{p}", "result", n.id, 0, b, p, tuple(inputs), f"reduce:{n.id}"
-                )
-            )
+        tasks = [
+            self._map_task(n, side, b, m, first)
+            for side, parent in enumerate(self._map_sides(n))
+            for m in range(self.nparts[parent.id])
+        ]
+        stages = self._map_stages(n, b)
+        tasks.extend(self._reduce_task(n, b, p, first, stages) for p in range(self.nparts[n.id]))
         return tasks
 
+    def _map_sides(self, n: Node) -> tuple[Node, ...]:
+        """The parents a keyed operator shuffles (a joined table is read in place)."""
+        if n.kind == "join" and n.args.get("table"):
+            return n.parents[:1]  # the table is read in place, partition p by reduce task p
+        return n.parents
+
+    def _map_stages(self, n: Node, b: int) -> tuple[tuple[str, int], ...]:
+        return tuple(
+            (f"sh/{n.id}/{side}/{b}", self.nparts[parent.id])
+            for side, parent in enumerate(self._map_sides(n))
+        )
+
+    def _map_task(self, n: Node, side: int, b: int, m: int, first: int) -> TaskSpec:
+        parent = n.parents[side]
+        return TaskSpec(
+            f"sh/{n.id}/{side}/{b}/{m}",
+            "map",
+            n.id,
+            side,
+            b,
+            m,
+            tuple(self.deps(parent, b, m, first)),
+            f"map:{n.id}:{side}",
+        )
+
+    def _reduce_task(
+        self, n: Node, b: int, p: int, first: int, stages: tuple[tuple[str, int], ...]
+    ) -> TaskSpec:
+        others: list[InputRef] = []
+        prev = b - self.period[n.id]
+        if n.kind == "state" and prev >= first:
+            others.append((f"rd/{n.id}/{prev}/{p}", -1))
+        if n.kind == "join" and n.args.get("table"):
+            others.append((f"rd/{n.parents[1].id}/{b}/{p}", -1))
+        return TaskSpec(
+            f"rd/{n.id}/{b}/{p}",
+            "result",
+            n.id,
+            0,
+            b,
+            p,
+            ShuffleInputs(stages, p, tuple(others)),
+            f"reduce:{n.id}",
+        )
+
+    def task_for(self, task_id: str, first: int) -> TaskSpec | None:
+        """The one task of its batch named *task_id* (as :meth:`tasks_for_batch` lists it).
+
+        Builds only that task: rebuilding a lost block re-plans the tasks on its lineage,
+        not whole batches (at 1,000 workers a batch is 8,000 tasks).
+        """
+        parts = task_id.split("/")
+        try:
+            if parts[0] == "sh" and len(parts) == 5:
+                nid, side, b, m = (int(x) for x in parts[1:])
+            elif parts[0] in ("rd", "out") and len(parts) == 4:
+                nid, b, m = (int(x) for x in parts[1:])
+                side = 0
+            else:
+                return None
+        except ValueError:
+            return None
+        n = self.by_id.get(nid)
+        if n is None or b < 0 or not self.emits(nid, b) or m < 0:
+            return None
+        k = n.kind
+        shuffled = nid in self.boundary and k in SHUFFLE
+        if parts[0] == "sh":
+            sides = self._map_sides(n) if shuffled else ()
+            if side >= len(sides) or m >= self.nparts[sides[side].id]:
+                return None
+            return self._map_task(n, side, b, m, first)
+        if m >= self.nparts[nid]:
+            return None
+        if parts[0] == "out":
+            if k != "output":
+                return None
+            return next((t for t in self._output_tasks(n, b, first) if t.id == task_id), None)
+        if shuffled:
+            return self._reduce_task(n, b, m, first, self._map_stages(n, b))
+        if k in ("transform", "window_combine") or (nid in self.boundary and k != "output"):
+            if k == "source" or (k == "transform" and m != 0):
+                return None
+            return self._result_task(n, b, m, first)
+        return None
+
     def _result_tasks(self, n: Node, b: int, first: int) -> list[TaskSpec]:
-        tasks: list[TaskSpec] = []
+        parts = 1 if n.kind == "transform" else self.nparts[n.id]
+        return [self._result_task(n, b, p, first) for p in range(parts)]
+
+    def _result_task(self, n: Node, b: int, p: int, first: int) -> TaskSpec:
         if n.kind == "transform":
             inputs = tuple(self.all_deps(n.parents[0], b, first))
-            return [
-                TaskSpec(f"rd/{n.id}/{b}/0", "result", n.id, 0, b, 0, inputs, f"transform:{n.id}")
-            ]
-        for p in range(self.nparts[n.id]):
-            if n.kind == "window_combine":
-                inputs = self._window_combine_inputs(n, b, p, first)
-            else:  # a persisted narrow node: computes its own operator over its parents
-                inputs = self._own_inputs(n, b, p, first)
-            tasks.append(
-                TaskSpec(f"rd/{n.id}/{b}/{p}", "result", n.id, 0, b, p, inputs, f"persist:{n.id}")
+            return TaskSpec(
+                f"rd/{n.id}/{b}/0", "result", n.id, 0, b, 0, inputs, f"transform:{n.id}"
             )
-        return tasks
+        if n.kind == "window_combine":
+            inputs = self._window_combine_inputs(n, b, p, first)
+        else:  # a persisted narrow node: computes its own operator over its parents
+            inputs = self._own_inputs(n, b, p, first)
+        return TaskSpec(f"rd/{n.id}/{b}/{p}", "result", n.id, 0, b, p, inputs, f"persist:{n.id}")
 
     def _own_inputs(self, n: Node, b: int, p: int, first: int) -> tuple[InputRef, ...]:
         k = n.kind

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine._sched_index import InputSplit, SlotIndex, shuffle_group, split_inputs
-from engine.plan import Plan, TaskSpec, block_batch
+from engine.plan import Plan, ShuffleInputs, TaskSpec, block_batch
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
 #: How often stragglers are looked for: often enough to react within a fraction of a
@@ -229,7 +229,6 @@ class Scheduler:
         self.lineage: dict[str, _Task] = {}
         #: last complete checkpoint batch per (node, partition)
         self.checkpoints: dict[tuple[int, int], int] = {}
-        self._plans: dict[int, dict[str, TaskSpec]] = {}
         #: PENDING tasks a tick must look at; PENDING tasks known to wait for a block sit in
         #: ``_blocked`` instead, and come back when that block arrives (event-driven
         #: readiness: a tick costs O(ready tasks), not O(all pending tasks))
@@ -309,6 +308,18 @@ class Scheduler:
     def _split_of(self, spec: TaskSpec) -> InputSplit | None:
         """A reduce's inputs as whole map stages (cached per node and batch), else None."""
         inputs = spec.inputs
+        if isinstance(inputs, ShuffleInputs):  # named by stage: no walk over its outputs
+            key = (spec.node, spec.batch, len(inputs))
+            split = self._splits.get(key)
+            if split is None:
+                groups: list[tuple[str, int, int]] = []
+                start = 0
+                for g, count in inputs.stages:
+                    groups.append((g, count, start))
+                    start += count
+                split = InputSplit(tuple(groups), tuple(range(start, len(inputs))))
+                self._splits[key] = split
+            return split
         if spec.kind != "result" or not inputs or not inputs[0][0].startswith("sh/"):
             return None
         key = (spec.node, spec.batch, len(inputs))
@@ -722,11 +733,6 @@ class Scheduler:
             for i in split.others:
                 if block_batch(inputs[i][0]) <= done_upto:
                     needed.add(inputs[i][0])
-        # old batches re-planned for a rebuild are dropped once no rebuild of theirs is
-        # left (at 1,000 workers one batch's task list is millions of input references)
-        rebuilding = {t.spec.batch for t in self.lineage.values() if t.status != DONE}
-        for pb in [x for x in self._plans if x not in rebuilding]:
-            del self._plans[pb]
         for tid in [x for x, t in self.lineage.items() if t.status == DONE]:
             if (
                 self.plan.freeable(tid, done_upto)
@@ -1007,14 +1013,7 @@ class Scheduler:
             self._ensure(inputs[i][0], out, seen)
 
     def _spec_for(self, bid: str) -> TaskSpec | None:
-        b = block_batch(bid)
-        specs = self._plans.get(b)
-        if specs is None:
-            specs = {s.id: s for s in self.plan.tasks_for_batch(b, self.first)}
-            self._plans[b] = specs
-            while len(self._plans) > 64:
-                self._plans.pop(min(self._plans))
-        return specs.get(bid)
+        return self.plan.task_for(bid, self.first)
 
     def _speculate(self, now: float, free: SlotIndex) -> list[Instruction]:
         """Copies of running tasks past ``multiplier`` x their stage's median.

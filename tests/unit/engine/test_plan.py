@@ -17,7 +17,7 @@ import pytest
 
 from engine import DStream, StreamingContext
 from engine.codec import stable_hash
-from engine.plan import Plan, TaskSpec, block_batch
+from engine.plan import Plan, ShuffleInputs, TaskSpec, block_batch
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -389,3 +389,68 @@ def test_freeable() -> None:
     # shuffle outputs are read only within their batch
     assert not plan.freeable(f"sh/{red}/0/10/0", 9)
     assert plan.freeable(f"sh/{red}/0/10/0", 10)
+
+
+# -- reduces named by map stage; one task re-planned alone -----------------------------------
+def test_a_reduce_names_its_map_stages_and_reads_every_map_output() -> None:
+    plan, ssc = _plan(
+        lambda c: _kafka(c).map(lambda x: (x, 1)).update_state_by_key(lambda vs, s: s),
+        num_partitions=3,
+        source_partitions=4,
+    )
+    state = next(n for n in ssc.nodes if n.kind == "state")
+    r = next(t for t in plan.tasks_for_batch(5, 0) if t.id == f"rd/{state.id}/5/2")
+    assert isinstance(r.inputs, ShuffleInputs)
+    assert r.inputs.stages == ((f"sh/{state.id}/0/5", 4),)
+    expanded = (*((f"sh/{state.id}/0/5/{m}", 2) for m in range(4)), (f"rd/{state.id}/4/2", -1))
+    assert tuple(r.inputs) == expanded
+    assert r.inputs == expanded and expanded == tuple(r.inputs)
+    assert len(r.inputs) == 5
+    assert [r.inputs[i] for i in range(-5, 5)] == [*expanded, *expanded]
+    assert r.inputs[1:3] == expanded[1:3]
+    with pytest.raises(IndexError):
+        r.inputs[5]
+    assert r.inputs != expanded[:4]
+    other = ShuffleInputs(r.inputs.stages, 2, r.inputs.others)
+    assert other == r.inputs and hash(other) == hash(r.inputs)
+    assert ShuffleInputs(r.inputs.stages, 1, r.inputs.others) != r.inputs
+
+
+def _graphs() -> list[tuple[Plan, int]]:
+    def joined(c: StreamingContext) -> DStream:
+        a = _kafka(c).map(lambda x: (x, 1))
+        b = c.kafka_stream("other").map(lambda x: (x, 2))
+        return a.join(b, num_partitions=2).union(a)
+
+    def table(c: StreamingContext) -> DStream:
+        users = c.table(updates=c.queue_stream([]))
+        return c.queue_stream([]).map(lambda x: (x, 1)).join(users)
+
+    def windowed(c: StreamingContext) -> DStream:
+        pairs = _kafka(c).map(lambda x: (x, 1))
+        return pairs.reduce_by_key_and_window(operator.add, operator.sub, 4, 2)
+
+    def stateful(c: StreamingContext) -> DStream:
+        state = _kafka(c).map(lambda x: (x, 1)).update_state_by_key(lambda vs, s: s)
+        return state.transform(lambda rdd: rdd)
+
+    return [
+        (_plan(joined, source_partitions=3)[0], 1),
+        (_plan(windowed, source_partitions=2)[0], 0),
+        (_plan(lambda c: _kafka(c).window(3, 1).count(), source_partitions=2)[0], 0),
+        (_plan(stateful, source_partitions=3)[0], 2),
+        (_plan(table)[0], 0),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_one_task_re_planned_alone_is_the_task_its_batch_lists(case: int) -> None:
+    plan, first = _graphs()[case]
+    listed = 0
+    for b in range(first, first + 9):
+        for t in plan.tasks_for_batch(b, first):
+            assert plan.task_for(t.id, first) == t, t.id
+            listed += 1
+    assert listed > 0
+    for bad in ("in/0/3/0", "rd/99/3/0", "sh/1/9/3/0", "rd/x/3/0", "out/1/3", "sh/1/0/3/999"):
+        assert plan.task_for(bad, first) is None

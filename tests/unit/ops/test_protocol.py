@@ -7,11 +7,22 @@ from typing import Any
 import pytest
 
 from engine.codec import pack, unpack
-from engine.plan import TaskSpec
+from engine.plan import ShuffleInputs, TaskSpec
 from ops import protocol as wire
 from state.metalog import OffsetRange
 
 SPEC = TaskSpec("rd/3/7/1", "result", 3, 0, 7, 1, (("in/0/7/0", -1), ("sh/2/0/7/1", 1)), "r:3")
+#: a reduce as the planner makes it: two map stages of 1,000 outputs and its previous state
+REDUCE = TaskSpec(
+    "rd/3/7/1",
+    "result",
+    3,
+    0,
+    7,
+    1,
+    ShuffleInputs((("sh/3/0/7", 1000), ("sh/3/1/7", 1000)), 1, (("rd/3/6/1", -1),)),
+    "reduce:3",
+)
 
 MESSAGES: list[Any] = [
     wire.Register("10.0.0.1:7000", 4, ["in/0/1/0"], 9100),
@@ -31,6 +42,7 @@ MESSAGES: list[Any] = [
     wire.Assign([wire.PartitionAssignment(0, 1, "pv", 1, 42)], ["b", "c"], 500),
     wire.Assign([], []),
     wire.Launch(SPEC, 2, {"in/0/7/0": ["a"]}, {"in/0/7/0": (10, 20)}, 7000),
+    wire.Launch(REDUCE, 0, {"sh/3/0/7/0": ["a"]}, {}, 7000),
     wire.ReadInput("in/0/7/1", OffsetRange("pv", 1, 10, 20, 10)),
     wire.ReplicateTo("in/0/7/1", "b"),
     wire.Free(["in/0/1/0", "rd/3/1/0"]),
@@ -89,3 +101,14 @@ def test_offset_ranges_are_named_and_stored_as_lists() -> None:
 def test_a_failure_without_a_kind_is_an_error() -> None:
     m = wire.TaskFailed.from_wire({"task": "t", "attempt": 0, "worker": "w", "error": "x"})
     assert m.kind is wire.FailureKind.ERROR and m.gone_from == []
+
+
+def test_a_reduce_travels_as_its_map_stages_not_its_map_outputs() -> None:
+    packed = pack(wire.task_spec_to_wire(REDUCE))
+    assert len(packed) < 100  # 2,001 input pairs would be over 20 kB
+    back = wire.task_spec_from_wire(unpack(packed))
+    assert back == REDUCE
+    assert isinstance(back.inputs, ShuffleInputs)
+    assert list(back.inputs) == list(REDUCE.inputs)
+    assert back.inputs[1000] == ("sh/3/1/7/0", 1)
+    assert back.inputs[-1] == ("rd/3/6/1", -1)

@@ -24,23 +24,30 @@ class SlotIndex:
     stale by a later change skipped when they reach the top (and the heap rebuilt when
     stale entries outnumber live workers). Every change of ``busy`` goes through
     :meth:`take` and :meth:`release` so the heaps stay in step.
+
+    Workers set apart with :meth:`avoid` (caught straggling) sit in heaps of their own,
+    looked at only when no other worker has a free slot: passing them over costs nothing
+    per launch (it cost a pop and a push per avoided worker at the top of the heap).
     """
 
-    __slots__ = ("_levels", "busy", "slots", "top")
+    __slots__ = ("_avoid", "_free", "_levels", "busy", "slots", "top")
 
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}
         self.busy: dict[str, int] = {}
-        self._levels: dict[int, list[str]] = {}
+        #: slots - busy per live worker, kept in step (read on every launch)
+        self._free: dict[str, int] = {}
+        #: per tier (0: preferred, 1: avoided), per free-slot count, a heap of names
+        self._levels: tuple[dict[int, list[str]], dict[int, list[str]]] = ({}, {})
+        self._avoid: frozenset[str] = frozenset()
         self.top = 0
 
     # -- reads -----------------------------------------------------------------------------
     def get(self, w: str, default: int = 0) -> int:
-        n = self.slots.get(w)
-        return default if n is None else n - self.busy.get(w, 0)
+        return self._free.get(w, default)
 
     def __getitem__(self, w: str) -> int:
-        return self.slots[w] - self.busy.get(w, 0)
+        return self._free[w]
 
     def items(self) -> Iterable[tuple[str, int]]:
         busy = self.busy
@@ -50,62 +57,86 @@ class SlotIndex:
         """Whether some live worker has a free slot."""
         return self.best() is not None
 
-    def best(self, exclude: Iterable[str] = ()) -> str | None:
-        """The worker with the most free slots (ties: first by name), not in *exclude*."""
+    def best(self, exclude: Iterable[str] = (), avoided: bool = True) -> str | None:
+        """The worker with the most free slots (ties: first by name), not in *exclude*.
+
+        Workers set apart by :meth:`avoid` are picked only when no other worker has a free
+        slot, and never with ``avoided=False``.
+        """
         ex = exclude if isinstance(exclude, (set, frozenset)) else set(exclude)
-        for k in range(self.top, 0, -1):
-            heap = self._levels.get(k)
-            if not heap:
-                continue
-            put_back: list[str] = []
-            found: str | None = None
-            while heap:
-                w = heap[0]
-                if self.get(w, -1) != k:
-                    heapq.heappop(heap)  # stale: that worker's free count changed since
+        free = self._free
+        for levels in self._levels if avoided else self._levels[:1]:
+            for k in range(self.top, 0, -1):
+                heap = levels.get(k)
+                if not heap:
                     continue
-                if w in ex:
-                    put_back.append(heapq.heappop(heap))
-                    continue
-                found = w
-                break
-            for w in put_back:
-                heapq.heappush(heap, w)
-            if found is not None:
-                return found
+                put_back: list[str] = []
+                found: str | None = None
+                while heap:
+                    w = heap[0]
+                    if free.get(w, -1) != k:
+                        heapq.heappop(heap)  # stale: that worker's free count changed since
+                        continue
+                    if w in ex:
+                        put_back.append(heapq.heappop(heap))
+                        continue
+                    found = w
+                    break
+                for w in put_back:
+                    heapq.heappush(heap, w)
+                if found is not None:
+                    return found
         return None
 
     # -- changes ---------------------------------------------------------------------------
+    def avoid(self, workers: frozenset[str]) -> None:
+        """Set apart *workers* (the set replaces the last one); O(W log W) when it changes."""
+        if workers == self._avoid:
+            return
+        self._avoid = workers
+        self._levels = ({}, {})
+        for w in sorted(self._free):
+            self._push(w)
+
     def add(self, w: str, slots: int) -> None:
         self.slots[w] = slots
         self.top = max(self.slots.values())
         self.busy.setdefault(w, 0)
+        self._free[w] = slots - self.busy[w]
         self._push(w)
 
     def remove(self, w: str) -> None:
         self.slots.pop(w, None)
         self.busy.pop(w, None)
+        self._free.pop(w, None)
         self.top = max(self.slots.values(), default=0)
 
     def take(self, w: str) -> None:
         """An attempt was launched on *w*."""
-        self.busy[w] = self.busy.get(w, 0) + 1
+        self.busy[w] = n = self.busy.get(w, 0) + 1
+        if w in self.slots:
+            self._free[w] = self.slots[w] - n
         self._push(w)
 
     def release(self, w: str) -> None:
         """An attempt on *w* ended (finished, failed or cancelled)."""
-        self.busy[w] = max(0, self.busy.get(w, 1) - 1)
+        self.busy[w] = n = max(0, self.busy.get(w, 1) - 1)
+        if w in self.slots:
+            self._free[w] = self.slots[w] - n
         self._push(w)
 
     def _push(self, w: str) -> None:
-        n = self.get(w)
+        n = self._free.get(w, 0)
         if n <= 0:
             return
-        heap = self._levels.setdefault(n, [])
+        levels = self._levels[w in self._avoid]
+        heap = levels.get(n)
+        if heap is None:
+            heap = levels[n] = []
         heapq.heappush(heap, w)
         if len(heap) > 2 * len(self.slots) + 64:
-            live = sorted({x for x in heap if self.get(x, -1) == n})
-            self._levels[n] = live  # a sorted list is a heap
+            live = sorted({x for x in heap if self._free.get(x, -1) == n})
+            levels[n] = live  # a sorted list is a heap
 
 
 @dataclass(frozen=True)

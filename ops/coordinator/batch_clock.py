@@ -427,3 +427,5 @@ class BatchClock:
             self.dispatcher.dispatch()
         if calls:
             self._send(calls)
+        # the next batch's tasks, planned in this interval's idle time, outside the lock
+        self.scheduler.prepare(b + 1)

@@ -21,6 +21,7 @@ from engine.dispatch import InstructionHandler, apply
 from engine.errors import RpcError
 from engine.scheduler import (
     DONE,
+    LAUNCH_CHUNK,
     BatchCompleted,
     CancelTask,
     FreeBlocks,
@@ -85,8 +86,16 @@ class Dispatcher(InstructionHandler):
 
     # -- instructions (lock held) ----------------------------------------------------------
     def dispatch(self) -> None:
-        """Tick the scheduler and carry out what it says (called with the lock held)."""
-        self.apply(self.scheduler.tick(time.monotonic()))
+        """Tick the scheduler and carry out what it says (called with the lock held).
+
+        Launches are sent in chunks as they are placed (``LAUNCH_CHUNK`` per tick), so a
+        batch's first tasks leave while the rest of its first wave is placed.
+        """
+        while True:
+            out = self.scheduler.tick(time.monotonic(), LAUNCH_CHUNK)
+            self.apply(out)
+            if sum(1 for i in out if type(i) is LaunchTask) < LAUNCH_CHUNK:
+                return
 
     def apply(self, instructions: list[Instruction]) -> None:
         apply(instructions, self)

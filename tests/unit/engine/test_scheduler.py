@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 
 from engine.graph import StreamingContext
-from engine.plan import Plan
+from engine.plan import Plan, block_batch
 from engine.scheduler import (
     CHECKPOINT,
     BatchCompleted,
@@ -321,3 +321,85 @@ def test_launch_locations_follow_block_changes() -> None:
     s.remove_worker("a")
     assert s.locations_of(reduces[0])[maps[0].id] == ["b"]
     assert s.locations_of(reduces[0])[maps[1].id] == []
+
+
+def test_a_batch_planned_ahead_is_taken_when_it_is_cut() -> None:
+    plan = _plan()
+    s = Scheduler(plan, first=0)
+    s.add_worker("a", 4)
+    s.prepare(1)
+    ahead = s._prepared
+    assert ahead is not None and ahead.batch == 1
+    calls: list[int] = []
+    listed = plan.tasks_for_batch
+
+    def counted(b: int, first: int) -> list:
+        calls.append(b)
+        return listed(b, first)
+
+    plan.tasks_for_batch = counted  # type: ignore[method-assign]
+    _seal(s, 0, {0: ["a"], 1: ["a"]})  # not the batch planned ahead: planned now
+    assert calls == [0]
+    assert s._prepared == ahead
+    specs = s.add_batch(1, now=1.0)
+    assert calls == [0]  # batch 1 was not planned again
+    assert specs is ahead.specs and s._prepared is None
+    assert all(s.tasks[t.id] is ahead.tasks[t.id] for t in specs)
+    assert s.add_batch(2, now=2.0) == listed(2, 0) and calls == [0, 2]
+
+
+def test_lost_state_is_rebuilt_from_the_blocks_on_its_way_that_survived() -> None:
+    """Only the lost worker's part of a state partition's lineage runs again.
+
+    The map outputs and reduced partitions on the way from the inputs to the state are
+    kept until the checkpoint covers them (as the inputs are): rebuilding a lost state
+    partition re-runs the tasks whose blocks were on the lost worker alone, not every
+    map task of every batch since the checkpoint.
+    """
+    s = Scheduler(_plan(), first=0, retain_inputs=10)
+    for w in ("a", "b", "c"):
+        s.add_worker(w, 2)
+    freed: set[str] = set()
+    for b in range(4):
+        _seal(s, b, {0: ["a", "b"], 1: ["b", "c"]})
+        freed |= {bid for e in _drain(s) if isinstance(e, FreeBlocks) for bid in e.block_ids}
+        if b == 1:
+            s.set_checkpoint(3, 0, 1)
+            s.set_checkpoint(3, 1, 1)
+    # batches 0 and 1 are covered by the checkpoint: their blocks went; of 2 and 3, the map
+    # outputs and reduced partitions on the way to the state stayed
+    assert {"sh/2/0/0/0", "rd/2/1/1", "sh/3/0/1/0"} <= freed
+    on_the_way = {bid for bid in freed if bid.startswith(("sh/", "rd/2/"))}
+    assert not {bid for bid in on_the_way if block_batch(bid) >= 2}
+    lost = next(iter(s.holders("rd/3/3/0")))
+    held = {bid: set(ws) for bid, ws in s.locations.items()}
+    only_there = {bid for bid, ws in held.items() if ws == {lost}}
+    s.remove_worker(lost)
+    live = [w for w in ("a", "b", "c") if w != lost]
+    _seal(s, 4, {0: live, 1: live})
+    events = _drain(s, 60.0)
+    assert BatchCompleted(4) in events
+    assert not [i for i in events if isinstance(i, ReadInput)]
+    rerun = {i.spec.id for i in events if isinstance(i, LaunchTask) and i.spec.batch < 4}
+    assert rerun, "the lost state partition was rebuilt"
+    assert "rd/3/3/0" in rerun
+    # nothing that survived elsewhere ran again: only the lost worker's blocks, and the
+    # state partition's chain since the checkpoint (its older batches were freed)
+    assert rerun <= only_there | {"rd/3/2/0", "rd/3/3/0"}, rerun - only_there
+    assert not any(bid.startswith("sh/") and bid in held and bid not in only_there for bid in rerun)
+
+
+def test_a_tick_with_a_limit_hands_out_launches_in_chunks() -> None:
+    whole = Scheduler(_plan(), first=0)
+    chunked = Scheduler(_plan(), first=0)
+    for s in (whole, chunked):
+        for w in ("a", "b", "c"):
+            s.add_worker(w, 2)
+        _seal(s, 0, {0: ["a", "b"], 1: ["b", "c"]})
+    at_once = [(i.spec.id, i.worker) for i in whole.tick(0.0) if isinstance(i, LaunchTask)]
+    assert len(at_once) == 2  # the two map tasks
+    first = [i for i in chunked.tick(0.0, limit=1) if isinstance(i, LaunchTask)]
+    assert len(first) == 1
+    rest = [i for i in chunked.tick(0.0, limit=1) if isinstance(i, LaunchTask)]
+    assert [(i.spec.id, i.worker) for i in first + rest] == at_once
+    assert not [i for i in chunked.tick(0.0, limit=1) if isinstance(i, LaunchTask)]

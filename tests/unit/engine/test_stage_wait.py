@@ -202,10 +202,16 @@ def test_slot_index_picks_the_most_free_then_the_first_by_name() -> None:
             idx.release(w)
         elif op < 0.95:
             idx.remove(w)
+        elif op < 0.97:  # stragglers set apart, as the scheduler's suspects
+            idx.avoid(frozenset(rng.sample(names, rng.choice([0, 1, 5]))))
         ex = set(rng.sample(names, 2))
         free = {x: idx.get(x) for x in idx.slots if x not in ex and idx.get(x) > 0}
-        want = min(free, key=lambda x: (-free[x], x)) if free else None
+        avoided = idx._avoid
+        preferred = {x: n for x, n in free.items() if x not in avoided}
+        want = min(preferred or free, key=lambda x: (-free[x], x)) if free else None
         assert idx.best(ex) == want
+        want = min(preferred, key=lambda x: (-free[x], x)) if preferred else None
+        assert idx.best(ex, avoided=False) == want
 
 
 def test_an_output_waiting_for_its_busy_worker_follows_its_partition_when_it_moves() -> None:

@@ -8,7 +8,8 @@ batch, every input block is reported with its two holders (the receiver's worker
 replica peer), then ``add_batch`` and ``tick``; every finished task is reported with
 ``task_finished`` (output tasks first ask ``request_commit``) and followed by a ``tick``
 (the dispatcher's ``task_done`` calls ``dispatch`` after each report). Per launch the
-shell's lock-held work is also done (block locations, ``task_spec_to_wire``). Workers are
+shell's work is also done (block locations, and the ``Launch`` message encoded with msgpack
+as the I/O thread does before it writes to the socket). Workers are
 in-process stand-ins: a launched task finishes immediately, so every second measured is the
 coordinator's own CPU time.
 
@@ -53,6 +54,7 @@ from typing import Any
 
 from bench import _common as c
 from engine import StreamingContext
+from engine.codec import pack
 from engine.dispatch import InstructionHandler, apply
 from engine.plan import Plan, TaskSpec
 from engine.scheduler import (
@@ -64,7 +66,7 @@ from engine.scheduler import (
     Scheduler,
     tune_gc,
 )
-from ops.protocol import task_spec_to_wire
+from ops.protocol import Launch
 
 #: the clock of every figure: this thread's CPU time, so that other work on a shared
 #: machine does not show as scheduler time (the simulated fleet is one thread)
@@ -104,9 +106,11 @@ class _SimulatedWorkers(InstructionHandler):
         self.sched.block_added(ins.block_id, ins.target, 100_000)
 
     def launch(self, ins: LaunchTask) -> None:
-        # the shell's lock-held per-launch work in ops/coordinator/dispatch.py:Dispatcher.launch
-        _loc = self.sched.locations_of(ins.spec)
-        task_spec_to_wire(ins.spec)
+        # the shell's per-launch work (ops/coordinator/dispatch.py:Dispatcher.launch): the
+        # locations, under the lock, then the message's encoding, in the I/O thread that
+        # sends it (on the same CPU); the socket write itself is left out
+        locations = self.sched.locations_of(ins.spec)
+        pack(Launch(ins.spec, ins.attempt, locations, {}, 0).to_wire())
         self.running.append(ins)
         self.launched += 1
 
@@ -483,8 +487,8 @@ def report(args: argparse.Namespace, rows: list[dict], rec: dict | None, table: 
         f"on two holders, speculation on, inputs retained {RETAIN_INPUTS} batches and state "
         f"checkpointed every {CHECKPOINT_EVERY} (the coordinator's defaults). Stand-in "
         "workers finish each task at once, so the delay is the coordinator's own CPU time "
-        "(the shell's per-launch location lookup and `task_spec_to_wire` included; RPC "
-        "encoding and sockets excluded). *planned ahead* is `Scheduler.prepare` (the plan's "
+        "(the shell's per-launch location lookup and the `Launch` message's msgpack encoding "
+        "included; sockets excluded). *planned ahead* is `Scheduler.prepare` (the plan's "
         "task list of the batch), which the batch clock runs after cutting the batch before, "
         "in the interval's idle time and outside the lock, as this benchmark does: it is in no "
         "batch's delay. *add_batch* is what is left of planning in the delay (taking the "

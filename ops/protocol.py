@@ -39,13 +39,14 @@ Both sides are upgraded together: the format is compatible within one version on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from engine.executor import DeadLetter
 from engine.plan import ShuffleInputs, TaskSpec
+from engine.scheduler import ShuffleLocations, StageHolders
 from state.metalog import OffsetRange
 
 #: Name of the leader's epoch in the params of every coordinator -> worker call.
@@ -521,35 +522,45 @@ class Launch:
     """Run one attempt of a task.
 
     *locations* names the holders of each input block (a worker address or the checkpoint
-    store); *ranges* the logged ``(start, until)`` of each input block, against which a
-    copy is checked (stale copies exist); *time_ms* is the batch time the sinks stamp.
+    store); a reduce's come as a :class:`engine.scheduler.ShuffleLocations` and travel as
+    its map stages' holder tables (``stages``: per stage, the msgpack bytes of its hosts
+    and, per map output, indexes into them, encoded once per stage) plus its other inputs'
+    holders. *ranges* the logged
+    ``(start, until)`` of each input block, against which a copy is checked (stale copies
+    exist); *time_ms* is the batch time the sinks stamp.
     """
 
     spec: TaskSpec
     attempt: int
-    locations: dict[str, list[str]]
+    locations: Mapping[str, list[str]]
     ranges: dict[str, tuple[int, int]]
     time_ms: int
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        locs = self.locations
+        w: dict[str, Any] = {
             "spec": task_spec_to_wire(self.spec),
             "attempt": self.attempt,
-            "locations": self.locations,
             "ranges": {b: list(r) for b, r in self.ranges.items()},
             "time_ms": self.time_ms,
         }
+        if isinstance(locs, ShuffleLocations):
+            w["locations"] = locs.others
+            w["stages"] = {g: st.packed() for g, st in locs.stages.items()}
+        else:
+            w["locations"] = locs
+        return w
 
     @classmethod
     def from_wire(cls, w: dict[str, Any]) -> Launch:
         ranges = {b: (int(r[0]), int(r[1])) for b, r in (w.get("ranges") or {}).items()}
-        return cls(
-            task_spec_from_wire(w["spec"]),
-            w["attempt"],
-            {b: list(h) for b, h in w["locations"].items()},
-            ranges,
-            w.get("time_ms", 0),
-        )
+        locs: Mapping[str, list[str]] = {b: list(h) for b, h in w["locations"].items()}
+        stages = w.get("stages")
+        if stages:
+            locs = ShuffleLocations(
+                {str(g): StageHolders.unpacked(data) for g, data in stages.items()}, dict(locs)
+            )
+        return cls(task_spec_from_wire(w["spec"]), w["attempt"], locs, ranges, w.get("time_ms", 0))
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from engine.scheduler import (
     ReadInput,
     Replicate,
     Scheduler,
+    ShuffleLocations,
 )
 from ops import metrics
 from ops import protocol as wire
@@ -113,8 +114,11 @@ class Dispatcher(InstructionHandler):
             spec,
             ins.attempt,
             locations,
-            # input blocks are checked against their logged offset ranges (stale copies)
-            self.receivers.input_ranges(locations),
+            # input blocks are checked against their logged offset ranges (stale copies);
+            # a reduce's map outputs are none of them
+            self.receivers.input_ranges(
+                locations.others if isinstance(locations, ShuffleLocations) else locations
+            ),
             time_ms if time_ms is not None else self.receivers.times.get(spec.batch, 0),
         )
         self.io.submit(self._send_launch, w, msg)

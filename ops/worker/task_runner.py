@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -152,7 +152,9 @@ class TaskRunner:
             metrics.CHECKPOINT_FAILURES.inc()
             log.warning("checkpoint of %s failed: %s", spec.id, e)
 
-    def fetcher(self, locations: dict[str, list[str]], ranges: dict[str, Any] | None = None) -> Any:
+    def fetcher(
+        self, locations: Mapping[str, list[str]], ranges: dict[str, Any] | None = None
+    ) -> Any:
         """The task's block reader: the local store first, then the holders the coordinator named.
 
         An input block is checked against the offset range the coordinator logged for it
@@ -232,7 +234,7 @@ class TaskRunner:
         self,
         spec: TaskSpec,
         attempt: int,
-        locations: dict[str, list[str]],
+        locations: Mapping[str, list[str]],
         time_ms: int,
         incarnation: int = 0,
         ranges: dict[str, Any] | None = None,

@@ -8,6 +8,7 @@ import pytest
 
 from engine.codec import pack, unpack
 from engine.plan import ShuffleInputs, TaskSpec
+from engine.scheduler import ShuffleLocations, StageHolders
 from ops import protocol as wire
 from state.metalog import OffsetRange
 
@@ -43,6 +44,16 @@ MESSAGES: list[Any] = [
     wire.Assign([], []),
     wire.Launch(SPEC, 2, {"in/0/7/0": ["a"]}, {"in/0/7/0": (10, 20)}, 7000),
     wire.Launch(REDUCE, 0, {"sh/3/0/7/0": ["a"]}, {}, 7000),
+    wire.Launch(
+        REDUCE,
+        1,
+        ShuffleLocations(
+            {"sh/3/0/7": StageHolders(("a", "b"), [[0], [1, 0], []])},
+            {"rd/3/6/1": ["b", "@checkpoint"]},
+        ),
+        {},
+        7000,
+    ),
     wire.ReadInput("in/0/7/1", OffsetRange("pv", 1, 10, 20, 10)),
     wire.ReplicateTo("in/0/7/1", "b"),
     wire.Free(["in/0/1/0", "rd/3/1/0"]),
@@ -112,3 +123,23 @@ def test_a_reduce_travels_as_its_map_stages_not_its_map_outputs() -> None:
     assert list(back.inputs) == list(REDUCE.inputs)
     assert back.inputs[1000] == ("sh/3/1/7/0", 1)
     assert back.inputs[-1] == ("rd/3/6/1", -1)
+
+
+def test_a_reduce_launch_sends_each_stage_s_holders_once_as_indexes() -> None:
+    hosts = tuple(f"10.0.{i // 250}.{i % 250}:7000" for i in range(1000))
+    # 1,000 workers with 4 input partitions each: 4,000 map outputs per stage
+    stages = {
+        "sh/3/0/7": StageHolders(hosts, [[m % 1000] for m in range(4000)]),
+        "sh/3/1/7": StageHolders(hosts, [[m % 1000, (m + 1) % 1000] for m in range(4000)]),
+    }
+    locs = ShuffleLocations(stages, {"rd/3/6/1": ["@checkpoint"]})
+    packed = pack(wire.Launch(REDUCE, 0, locs, {}, 7000).to_wire())
+    as_dict = pack(wire.Launch(REDUCE, 0, dict(locs), {}, 7000).to_wire())
+    assert len(packed) < len(as_dict) / 3  # 62 kB vs 350 kB
+    back = wire.Launch.from_wire(unpack(packed)).locations
+    assert isinstance(back, ShuffleLocations)
+    assert dict(back) == dict(locs) and len(back) == 8001
+    assert back["sh/3/1/7/3999"] == [hosts[999], hosts[0]]
+    assert back.get("sh/3/0/7/4000") is None and back.get("sh/9/0/7/0", []) == []
+    assert back["rd/3/6/1"] == ["@checkpoint"]
+    assert "sh/3/0/7/5" in back and "sh/3/0/7/x" not in back

@@ -368,6 +368,8 @@ class Scheduler:
         self._held: dict[int, list[str]] = {}
         #: blocks each worker holds (the inverse of ``locations``), for ``remove_worker``
         self._held_by: dict[str, set[str]] = {}
+        #: workers set apart by ``set_unresponsive``: their slots and the blocks they held
+        self._unresponsive: dict[str, tuple[int, set[str]]] = {}
         self._held_inputs: dict[int, list[str]] = {}
         #: tasks re-planned to rebuild blocks of batches no longer in ``batches``
         self.lineage: dict[str, _Task] = {}
@@ -571,7 +573,48 @@ class Scheduler:
     # -- membership ------------------------------------------------------------------------
     def add_worker(self, worker: str, slots: int) -> None:
         self._sorted_workers = None
+        self._unresponsive.pop(worker, None)  # (re)registered: it reports its blocks anew
         self._free.add(worker, slots)
+
+    def set_unresponsive(self, worker: str) -> list[Instruction]:
+        """*worker* did not answer in time (a seal): run its work elsewhere, for now.
+
+        As :meth:`remove_worker` (its attempts run again elsewhere, blocks it alone holds
+        are rebuilt from lineage, outputs pinned to it move), but reversibly: the blocks it
+        held are remembered for :meth:`responsive_again`. A paused worker then costs the
+        rest of the fleet the seal wait and a rebuild, not the heartbeat timeout (after
+        which the shell declares it lost, and this is forgotten).
+        """
+        if worker not in self.slots or worker in self._unresponsive:
+            return []
+        slots = self.slots[worker]
+        held = set(self._held_by.get(worker, ()))
+        out = self.remove_worker(worker)
+        self._unresponsive[worker] = (slots, held)
+        return out
+
+    def responsive_again(self, worker: str) -> list[Instruction]:
+        """*worker* answered again: it takes tasks, and its blocks count again.
+
+        Blocks it held that were freed meanwhile are freed on it too; the others are its
+        again (those rebuilt elsewhere meanwhile just gain a holder).
+        """
+        entry = self._unresponsive.pop(worker, None)
+        if entry is None:
+            return []
+        slots, held = entry
+        self.add_worker(worker, slots)
+        stale: list[str] = []
+        for bid in sorted(held):
+            if bid in self.locations:
+                self.block_added(bid, worker, self.sizes.get(bid, 0))
+            else:
+                stale.append(bid)
+        return [FreeBlocks(worker, tuple(stale))] if stale else []
+
+    def unresponsive(self) -> list[str]:
+        """Workers set apart by :meth:`set_unresponsive`, sorted."""
+        return sorted(self._unresponsive)
 
     def remove_worker(self, worker: str) -> list[Instruction]:
         """A worker is gone: its blocks are lost, its running attempts rerun elsewhere.
@@ -580,6 +623,7 @@ class Scheduler:
         still needed has two holders (lost state is rebuilt from lineage instead).
         """
         self._free.remove(worker)
+        self._unresponsive.pop(worker, None)
         for t in self._home_waiters.pop(worker, ()):
             self._enqueue(t)  # its output partition moves to another worker
         self._sorted_workers = None

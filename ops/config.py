@@ -28,14 +28,15 @@ COORDINATOR_RPC_PORT = 7070
 COORDINATOR_HTTP_PORT = 8080
 WORKER_RPC_PORT = 7071
 WORKER_HTTP_PORT = 8081
-#: Automatic peer deadline: half a batch interval, but at least :data:`PEER_DEADLINE_MIN_S`
-#: and at most :data:`PEER_DEADLINE_MAX_S`. A sealed block holds one interval of records
-#: and a fetched block one task's worth: over loopback or a LAN they move in milliseconds,
-#: so a peer that has not answered in half an interval is paused or wedged, and giving up
-#: then keeps the extra delay a paused peer costs its fleet under one interval. The floor
+#: Automatic peer deadline: a quarter of a batch interval, but at least
+#: :data:`PEER_DEADLINE_MIN_S` and at most :data:`PEER_DEADLINE_MAX_S`. A sealed block holds
+#: one interval of records and a fetched block one task's worth: over loopback or a LAN
+#: they move in milliseconds, so a peer that has not answered in a quarter of an interval
+#: is paused or wedged. It is below the coordinator's seal wait (half an interval): a
+#: healthy worker whose replica peer is paused still answers its seal in time. The floor
 #: allows for a loaded peer whose handler thread waits tens of milliseconds for the GIL;
 #: past the cap, waiting longer only delays the fallback (another peer or holder).
-PEER_DEADLINE_FRACTION = 0.5
+PEER_DEADLINE_FRACTION = 0.25
 PEER_DEADLINE_MIN_S = 0.1
 PEER_DEADLINE_MAX_S = 1.0
 #: Settings in seconds that also take a duration text (``"500ms"``, ``"1s"``, ``"2m"``, ``"1h"``)
@@ -328,7 +329,7 @@ class Settings(BaseSettings):
     def peer_deadline_s(self) -> float:
         """The deadline of a call to a peer worker: the setting, or automatic.
 
-        Automatic: half a batch interval within [:data:`PEER_DEADLINE_MIN_S`,
+        Automatic: a quarter of a batch interval within [:data:`PEER_DEADLINE_MIN_S`,
         :data:`PEER_DEADLINE_MAX_S`], and below half the heartbeat timeout, so a worker
         has moved on from a paused peer well before the coordinator declares it lost.
         """

@@ -52,7 +52,7 @@ TASK_DURATION = Histogram(
 )
 LATE_SEALS = Counter(
     "dstream_late_seals_total",
-    "Batches cut without a worker that did not answer the seal within one batch interval",
+    "Batches cut without a worker that did not answer the seal within half a batch interval",
 )
 TASKS_RETRIED = Counter("dstream_tasks_retried_total", "Task attempts rerun after a failure")
 SPECULATIVE_LAUNCHED = Counter(

@@ -10,6 +10,7 @@ scheduler.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -33,12 +34,15 @@ log = logging.getLogger("dstream.coordinator")
 
 #: A seal call's own timeout (the RPC gives up on the worker after it).
 SEAL_TIMEOUT_S = CALL_TIMEOUT_S
-#: The batch is cut without a worker whose seal answer takes longer than one batch
-#: interval (at least this long): a paused or overloaded worker costs the others at most
-#: about one interval, not the heartbeat timeout. Its partitions get empty ranges for
-#: that batch; while its answer is outstanding it is not sealed again, and once it comes
-#: the partitions are read again from their logged position (``ReceiverTracker.continuing``).
+#: The batch is cut without a worker whose seal answer takes longer than half a batch
+#: interval (at least this long): a paused or overloaded worker costs the others less than
+#: one interval, not the heartbeat timeout. Its partitions get empty ranges for that batch;
+#: while its answer is outstanding it is not sealed again, and once it comes the
+#: partitions are read again from their logged position (``ReceiverTracker.continuing``).
+#: Meanwhile the scheduler runs its work elsewhere (``Scheduler.set_unresponsive``).
 SEAL_WAIT_MIN_S = 0.25
+#: share of the batch interval the clock waits for seal answers (see ``SEAL_WAIT_MIN_S``)
+SEAL_WAIT_FRACTION = 0.5
 #: The longest the first batch waits for ``--expect-workers`` (Spark's default
 #: ``spark.scheduler.maxRegisteredResourcesWaitingTime``); it then starts with whoever joined.
 REGISTRATION_WAIT_S = 30.0
@@ -305,8 +309,9 @@ class BatchClock:
         """Seal batch *b* on every worker at once; the reports of those that answer in time.
 
         A worker still owing an earlier seal answer is skipped; one that does not answer
-        within the seal wait (:data:`SEAL_WAIT_MIN_S`, or the interval if longer) is left
-        out of this batch, and the blocks its late answer reports are freed on their
+        within the seal wait (:meth:`seal_wait_s`) is left out of this batch, its work is
+        run elsewhere until it answers (``Scheduler.set_unresponsive``, done by
+        :meth:`seal_batch`), and the blocks its late answer reports are freed on their
         holders (they are in no logged range).
         """
         seal = wire.Seal(b, self.rate_cap())
@@ -317,21 +322,23 @@ class BatchClock:
                 continue
             self.late.pop(w.id, None)
             sent[w.id] = self.io.submit(w.client.send, seal, SEAL_TIMEOUT_S)
-        futures.wait(sent.values(), timeout=max(self.interval_s, SEAL_WAIT_MIN_S))
+        wait = self.seal_wait_s()
+        futures.wait(sent.values(), timeout=wait)
         reports: list[wire.BlockReport] = []
         for wid, f in sent.items():
             if not f.done():
                 log.warning(
                     "worker %s did not answer the seal of batch %d within %.2f s: batch %d is "
-                    "cut without it, and it is not sealed again until it answers",
+                    "cut without it, its work runs elsewhere, and it is not sealed again "
+                    "until it answers",
                     wid,
                     b,
-                    max(self.interval_s, SEAL_WAIT_MIN_S),
+                    wait,
                     b,
                 )
                 metrics.LATE_SEALS.inc()
                 self.late[wid] = f
-                f.add_done_callback(self._late_answer)
+                f.add_done_callback(functools.partial(self._late_answer, wid))
                 continue
             try:
                 reports.extend(wire.BlockReport.from_wire(r) for r in f.result())
@@ -339,17 +346,31 @@ class BatchClock:
                 log.warning("seal of batch %d on %s failed: %s", b, wid, e)
         return reports
 
-    def _late_answer(self, f: Future[Any]) -> None:
-        """A seal answered after its batch was cut: free the blocks it reports."""
-        if f.cancelled() or f.exception() is not None or self.stopping.is_set():
+    def seal_wait_s(self) -> float:
+        """How long the clock waits for seal answers before it cuts without a worker."""
+        return max(self.interval_s * SEAL_WAIT_FRACTION, SEAL_WAIT_MIN_S)
+
+    def _late_answer(self, wid: str, f: Future[Any]) -> None:
+        """A seal answered (or failed) after its batch was cut.
+
+        The worker takes tasks again, its blocks count again, and the blocks its answer
+        reports are freed (no logged range names them). A worker that is really gone is
+        declared lost by the heartbeat timeout, whatever this finds.
+        """
+        if f.cancelled() or self.stopping.is_set():
             return
-        try:
-            reports = [wire.BlockReport.from_wire(r) for r in f.result()]
-        except Exception as e:  # a malformed answer: nothing to free
-            log.debug("a late seal answer could not be read: %s", e)
-            return
+        reports: list[wire.BlockReport] = []
+        if f.exception() is None:
+            try:
+                reports = [wire.BlockReport.from_wire(r) for r in f.result()]
+            except Exception as e:  # a malformed answer: nothing to free
+                log.debug("a late seal answer could not be read: %s", e)
         with self.lock:
             self.free_unlogged(reports)
+            if wid in self.scheduler.unresponsive():
+                log.info("worker %s answered again: it takes tasks again", wid)
+                self.dispatcher.apply(self.scheduler.responsive_again(wid))
+                self.dispatcher.dispatch()
 
     def free_unlogged(self, reports: Iterable[wire.BlockReport]) -> None:
         """Drop the blocks of seal *reports* that no logged range names (lock held).
@@ -399,6 +420,10 @@ class BatchClock:
         reports = self.collect_seals(b, workers)
         info = BatchInfo(b, time_ms, time.monotonic(), cut_delay=time.time() - time_ms / 1000)
         with self.lock:
+            # workers that owe a seal answer: their work runs elsewhere until they answer
+            for wid, owed in self.late.items():
+                if not owed.done() and wid in self.membership:
+                    self.dispatcher.apply(self.scheduler.set_unresponsive(wid))
             ok = self.receivers.continuing(reports)
             kept = {id(r) for r in ok}
             self.free_unlogged(r for r in reports if id(r) not in kept)

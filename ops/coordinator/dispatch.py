@@ -137,10 +137,13 @@ class Dispatcher(InstructionHandler):
         self.completion.batch_completed(ins.batch, time.monotonic())
 
     def read_input(self, ins: ReadInput) -> None:
-        """Have a live worker (round robin) rebuild an input block from its logged range."""
+        """Have a live worker (round robin) rebuild an input block from its logged range.
+
+        Only workers the scheduler runs tasks on: not one set apart for missing its seal.
+        """
         bid = ins.block_id
         rng = self.receivers.range_of(bid)
-        workers = self.membership.ids()
+        workers = [w for w in self.membership.ids() if w in self.scheduler.slots]
         if rng is None or not workers:
             log.error(
                 "cannot rebuild %s: %s",

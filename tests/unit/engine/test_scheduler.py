@@ -403,3 +403,45 @@ def test_a_tick_with_a_limit_hands_out_launches_in_chunks() -> None:
     rest = [i for i in chunked.tick(0.0, limit=1) if isinstance(i, LaunchTask)]
     assert [(i.spec.id, i.worker) for i in first + rest] == at_once
     assert not [i for i in chunked.tick(0.0, limit=1) if isinstance(i, LaunchTask)]
+
+
+def test_an_unresponsive_worker_s_work_runs_elsewhere_until_it_answers() -> None:
+    """A worker that misses a seal is set apart: no launches, its blocks rebuilt
+    elsewhere, its running attempts rerun; when it answers, its blocks count again and
+    those freed meanwhile are freed on it."""
+    s = Scheduler(_plan(), first=0, retain_inputs=10)
+    for w in ("a", "b", "c"):
+        s.add_worker(w, 2)
+    for b in range(2):
+        _seal(s, b, {0: ["a", "b"], 1: ["b", "c"]})
+        assert BatchCompleted(b) in _drain(s)
+    paused = next(iter(s.holders("rd/3/1/0")))
+    held = {bid for bid, ws in s.locations.items() if paused in ws}
+    _seal(s, 2, {0: ["a", "b"], 1: ["b", "c"]})
+    running = [i for i in s.tick(10.0) if isinstance(i, LaunchTask)]
+    on_paused = [i for i in running if i.worker == paused]
+    s.set_unresponsive(paused)
+    assert s.unresponsive() == [paused]
+    assert s.set_unresponsive(paused) == []  # once
+    for i in running:
+        if i.worker != paused:
+            s.task_finished(i.spec.id, i.attempt, i.worker, 10.1, 10)
+    events = _drain(s, 20.0)
+    assert BatchCompleted(2) in events  # without the paused worker
+    assert not [i for i in events if isinstance(i, LaunchTask) and i.worker == paused]
+    assert not [i for i in events if isinstance(i, ReadInput)]
+    # its late reports are stale attempts: their blocks are freed on it
+    for i in on_paused:
+        late = s.task_finished(i.spec.id, i.attempt, paused, 20.5, 10)
+        assert late in ([], [FreeBlocks(paused, (i.spec.id,))])
+    back = s.responsive_again(paused)
+    assert s.unresponsive() == [] and s.responsive_again(paused) == []
+    freed = {bid for e in back if isinstance(e, FreeBlocks) for bid in e.block_ids}
+    kept = held - freed
+    assert freed and kept  # some went meanwhile (batch 0's), some are still tracked
+    assert all(paused in s.holders(bid) for bid in kept)
+    assert not {bid for bid in freed if bid in s.locations}
+    _seal(s, 3, {0: ["a", "b"], 1: ["b", "c"]})
+    events = _drain(s, 30.0)
+    assert BatchCompleted(3) in events
+    assert any(isinstance(i, LaunchTask) and i.worker == paused for i in events)

@@ -13,6 +13,7 @@ import pytest
 
 from engine.executor import BlockMissing
 from ops.config import load_settings
+from ops.coordinator.batch_clock import SEAL_WAIT_FRACTION, SEAL_WAIT_MIN_S
 from ops.rpc import RemoteError, RpcTimeout
 from ops.worker import Worker
 from ops.worker.peers import PeerHealth, try_order
@@ -93,7 +94,7 @@ def test_replication_falls_back_to_another_peer_and_skips_the_slow_one_after() -
     failed: set[str] = set()
     assert w._replicate_block("in/0/5/0", b"x", failed) == ["q"]
     assert [c[0] for c in calls] == ["paused", "q"]
-    assert all(c[2] == w.settings.peer_deadline_s == 0.15 for c in calls)
+    assert all(c[2] == w.settings.peer_deadline_s == 0.1 for c in calls)
     # the next block of the same seal does not wait on the paused peer again
     assert w._replicate_block("in/0/5/1", b"x", failed) == ["q"]
     assert [c[0] for c in calls] == ["paused", "q", "q"]
@@ -133,7 +134,7 @@ def test_a_fetch_moves_past_a_holder_that_misses_its_deadline() -> None:
     fetch = r.fetcher({"sh/1/5/0": ["me", "paused", "q"]})
     assert fetch("sh/1/5/0", 0) == b"data from q"
     assert [c[0] for c in calls] == ["paused", "q"]
-    assert calls[0][2] == 0.15
+    assert calls[0][2] == 0.1
     # the next fetch asks the holder that answered first
     fetch("sh/1/5/0", 1)
     assert [c[0] for c in calls] == ["paused", "q", "q"]
@@ -148,9 +149,19 @@ def test_a_fetch_with_no_holder_answering_names_them_for_the_missing_input_path(
 
 
 def test_the_peer_deadline_is_below_the_heartbeat_timeout() -> None:
-    assert _settings().peer_deadline_s == 0.15
+    assert _settings().peer_deadline_s == 0.1
+    assert load_settings(secret="s", batch_interval=1.0).peer_deadline_s == 0.25
     assert load_settings(secret="s", batch_interval=10).peer_deadline_s == 0.75
     assert load_settings(secret="s", batch_interval=0.02).peer_deadline_s == 0.1
     assert load_settings(secret="s", peer_deadline=0.4).peer_deadline_s == 0.4
     with pytest.raises(Exception, match="below the heartbeat timeout"):
         load_settings(secret="s", peer_deadline=1.5)
+
+
+@pytest.mark.parametrize("interval", [0.02, 0.1, 0.3, 0.5, 1.0, 2.0, 10.0])
+def test_the_peer_deadline_is_below_the_seal_wait(interval: float) -> None:
+    """A worker whose replica peer is paused gives up on it before the coordinator gives
+    up on the worker's own seal answer (which would set a healthy worker apart)."""
+    settings = load_settings(secret="s", batch_interval=interval)
+    seal_wait = max(interval * SEAL_WAIT_FRACTION, SEAL_WAIT_MIN_S)
+    assert settings.peer_deadline_s <= seal_wait / 2

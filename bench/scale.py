@@ -50,13 +50,14 @@ import operator
 import pstats
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from bench import _common as c
 from engine import StreamingContext
 from engine.codec import pack
 from engine.dispatch import InstructionHandler, apply
-from engine.plan import Plan, TaskSpec
+from engine.plan import Plan
 from engine.scheduler import (
     LAUNCH_CHUNK,
     BatchCompleted,
@@ -71,6 +72,7 @@ from ops.protocol import Launch
 #: the clock of every figure: this thread's CPU time, so that other work on a shared
 #: machine does not show as scheduler time (the simulated fleet is one thread)
 cpu = time.thread_time
+T = TypeVar("T")
 SLOTS = 2
 PARTS_PER_WORKER = 4
 #: the issue #7 target (200 workers) and the issue #16 targets (1,000 workers)
@@ -151,28 +153,22 @@ class SimCoordinator:
         self.first_chunk: float | None = None
         #: seconds spent planning so far (Plan.tasks_for_batch, and Plan.task_for re-planning)
         self.planning = 0.0
-        plan_tasks = self.plan.tasks_for_batch
-
-        def timed_tasks(b: int, first: int) -> list[TaskSpec]:
-            t0 = cpu()
-            try:
-                return plan_tasks(b, first)
-            finally:
-                self.planning += cpu() - t0
-
-        self.plan.tasks_for_batch = timed_tasks  # type: ignore[method-assign]
-        plan_one = self.plan.task_for
-
-        def timed_task(task_id: str, first: int) -> TaskSpec | None:
-            t0 = cpu()
-            try:
-                return plan_one(task_id, first)
-            finally:
-                self.planning += cpu() - t0
-
-        self.plan.task_for = timed_task  # type: ignore[method-assign]
+        self.plan.tasks_for_batch = self._timed(self.plan.tasks_for_batch)  # type: ignore[method-assign]
+        self.plan.task_for = self._timed(self.plan.task_for)  # type: ignore[method-assign]
         #: (seconds, of which re-planning old batches, launches, tasks re-planned) per loss
         self.recoveries: list[tuple[float, float, int, int]] = []
+
+    def _timed(self, fn: Callable[..., T]) -> Callable[..., T]:
+        """*fn*, its CPU time added to ``planning``."""
+
+        def timed(*args: Any) -> T:
+            t0 = cpu()
+            try:
+                return fn(*args)
+            finally:
+                self.planning += cpu() - t0
+
+        return timed
 
     def checkpoint(self, b: int) -> None:
         """Every CHECKPOINT_EVERY batches, all state partitions are checkpointed at *b*."""

@@ -56,10 +56,9 @@ from typing import Any, TypeVar
 from bench import _common as c
 from engine import StreamingContext
 from engine.codec import pack
-from engine.dispatch import InstructionHandler, apply
+from engine.dispatch import InstructionHandler, apply, tick_once
 from engine.plan import Plan
 from engine.scheduler import (
-    LAUNCH_CHUNK,
     BatchCompleted,
     LaunchTask,
     ReadInput,
@@ -214,14 +213,12 @@ class SimCoordinator:
         With *first* (the batch's launches so far), the time of the first chunk's launches
         is the batch's first-launch delay (``first_chunk``).
         """
-        done = False
         while True:
-            out = self.sched.tick(self.now(), LAUNCH_CHUNK)
-            done = self._apply(out, sim) or done
+            more = tick_once(self.sched, sim, self.now())
             if first is not None and self.first_chunk is None and first:
                 self.first_chunk = cpu()
-            if sum(1 for i in out if type(i) is LaunchTask) < LAUNCH_CHUNK:
-                return done
+            if not more:
+                return sim.done
 
     def run_batch(
         self, b: int, cap: float = float("inf"), lose_after: int | None = None

@@ -15,6 +15,8 @@ import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from engine.plan import ShuffleInputs
+
 
 class SlotIndex:
     """Free slots per live worker, read from ``slots`` and ``busy``.
@@ -155,6 +157,11 @@ class InputSplit:
 
     def matches(self, inputs: Sequence[tuple[str, int]]) -> bool:
         """Cheap check that *inputs* has this shape (first and last block of each group)."""
+        if isinstance(inputs, ShuffleInputs):
+            return len(inputs.stages) == len(self.groups) and all(
+                g == sg and count == sc
+                for (g, count, _), (sg, sc) in zip(self.groups, inputs.stages, strict=True)
+            )
         n = len(inputs)
         for g, count, start in self.groups:
             end = start + count - 1
@@ -170,13 +177,25 @@ def shuffle_group(block_id: str) -> str | None:
     return block_id[: block_id.rfind("/")]
 
 
+def _split_stages(inputs: ShuffleInputs) -> InputSplit:
+    groups: list[tuple[str, int, int]] = []
+    start = 0
+    for stage, count in inputs.stages:
+        groups.append((stage, count, start))
+        start += count
+    return InputSplit(tuple(groups), tuple(range(start, len(inputs))))
+
+
 def split_inputs(inputs: Sequence[tuple[str, int]]) -> InputSplit | None:
     """Split a reduce's inputs into shuffle groups and other blocks; None if they don't fit.
 
     A group qualifies when its blocks are consecutive and numbered 0..count-1 in order (as
-    :meth:`engine.plan.Plan.tasks_for_batch` lists every map output of a stage). Costs one
-    pass over the inputs: callers cache the result per (node, batch).
+    :meth:`engine.plan.Plan.tasks_for_batch` lists every map output of a stage). Inputs
+    named by stage (:class:`engine.plan.ShuffleInputs`, what the planner makes) are split in
+    O(stages); others cost one pass: callers cache the result per (node, batch).
     """
+    if isinstance(inputs, ShuffleInputs):
+        return _split_stages(inputs)
     groups: list[tuple[str, int, int]] = []
     others: list[int] = []
     cur: str | None = None

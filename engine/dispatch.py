@@ -10,9 +10,10 @@ runner has no peer to replicate to, for instance).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from engine.scheduler import (
+    LAUNCH_CHUNK,
     BatchCompleted,
     CancelTask,
     FreeBlocks,
@@ -20,6 +21,7 @@ from engine.scheduler import (
     LaunchTask,
     ReadInput,
     Replicate,
+    Scheduler,
 )
 
 
@@ -60,3 +62,22 @@ def apply(instructions: Iterable[Instruction], handler: InstructionHandler) -> N
             handler.read_input(ins)
         elif isinstance(ins, Replicate):
             handler.replicate(ins)
+
+
+def tick_once(
+    scheduler: Scheduler, handler: InstructionHandler, now: float, limit: int = LAUNCH_CHUNK
+) -> bool:
+    """One tick of at most *limit* launches, applied; whether it hit the limit (tick again)."""
+    out = scheduler.tick(now, limit)
+    apply(out, handler)
+    return sum(1 for i in out if type(i) is LaunchTask) >= limit
+
+
+def dispatch(scheduler: Scheduler, handler: InstructionHandler, clock: Callable[[], float]) -> None:
+    """Tick and apply until a tick launches fewer than ``LAUNCH_CHUNK`` tasks.
+
+    Launches go out in chunks as they are placed: a batch's first tasks leave while the
+    rest of its first wave (2,000 tasks at 1,000 workers) is placed.
+    """
+    while tick_once(scheduler, handler, clock()):
+        pass

@@ -30,7 +30,7 @@ from typing import Any
 from engine._sched_index import InputSplit, SlotIndex, shuffle_group, split_inputs
 from engine.codec import pack, unpack
 from engine.graph import Node
-from engine.plan import SHUFFLE, Plan, ShuffleInputs, TaskSpec, block_batch
+from engine.plan import SHUFFLE, Plan, TaskSpec, block_batch
 
 PENDING, RUNNING, DONE = "pending", "running", "done"
 #: How often stragglers are looked for: often enough to react within a fraction of a
@@ -456,18 +456,6 @@ class Scheduler:
     def _split_of(self, spec: TaskSpec) -> InputSplit | None:
         """A reduce's inputs as whole map stages (cached per node and batch), else None."""
         inputs = spec.inputs
-        if isinstance(inputs, ShuffleInputs):  # named by stage: no walk over its outputs
-            key = (spec.node, spec.batch, len(inputs))
-            split = self._splits.get(key)
-            if split is None:
-                groups: list[tuple[str, int, int]] = []
-                start = 0
-                for g, count in inputs.stages:
-                    groups.append((g, count, start))
-                    start += count
-                split = InputSplit(tuple(groups), tuple(range(start, len(inputs))))
-                self._splits[key] = split
-            return split
         if spec.kind != "result" or not inputs or not inputs[0][0].startswith("sh/"):
             return None
         key = (spec.node, spec.batch, len(inputs))
@@ -683,8 +671,8 @@ class Scheduler:
                 self._held_by[worker] = {block_id}
             else:
                 held.add(block_id)
-            if block_id[0] == "s" and self._stage_locs:
-                self._stage_locs.pop(block_id[: block_id.rfind("/")], None)
+            if self._stage_locs:
+                self._forget_stage_holders(block_id)
             if size:
                 self.sizes[block_id] = size
             if first:
@@ -707,8 +695,13 @@ class Scheduler:
             self._held_by.get(worker, set()).discard(block_id)
             if not holders:
                 self._now_unavailable(block_id)
-        if block_id[0] == "s":
-            self._stage_locs.pop(block_id[: block_id.rfind("/")], None)
+        self._forget_stage_holders(block_id)
+
+    def _forget_stage_holders(self, block_id: str) -> None:
+        """A block changed holders: its map stage's shared holder table is stale."""
+        g = shuffle_group(block_id)
+        if g is not None:
+            self._stage_locs.pop(g, None)
 
     def locations_of(self, spec: TaskSpec) -> Mapping[str, list[str]]:
         """Holders of each input block of *spec*, as sent with its launch.

@@ -17,11 +17,10 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from engine.dispatch import InstructionHandler, apply
+from engine.dispatch import InstructionHandler, apply, dispatch
 from engine.errors import RpcError
 from engine.scheduler import (
     DONE,
-    LAUNCH_CHUNK,
     BatchCompleted,
     CancelTask,
     FreeBlocks,
@@ -89,14 +88,9 @@ class Dispatcher(InstructionHandler):
     def dispatch(self) -> None:
         """Tick the scheduler and carry out what it says (called with the lock held).
 
-        Launches are sent in chunks as they are placed (``LAUNCH_CHUNK`` per tick), so a
-        batch's first tasks leave while the rest of its first wave is placed.
+        Launches are sent in chunks as they are placed (:func:`engine.dispatch.dispatch`).
         """
-        while True:
-            out = self.scheduler.tick(time.monotonic(), LAUNCH_CHUNK)
-            self.apply(out)
-            if sum(1 for i in out if type(i) is LaunchTask) < LAUNCH_CHUNK:
-                return
+        dispatch(self.scheduler, self, time.monotonic)
 
     def apply(self, instructions: list[Instruction]) -> None:
         apply(instructions, self)

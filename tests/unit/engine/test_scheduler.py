@@ -113,17 +113,23 @@ def test_lost_state_is_rebuilt_from_the_checkpoint_and_kafka() -> None:
     assert s.stats.recomputed > 0
 
 
-def test_inputs_since_the_checkpoint_are_kept_and_rebuild_lost_state_without_kafka() -> None:
-    s = Scheduler(_plan(), first=0, retain_inputs=10)
-    s.add_worker("a", 4)
-    s.add_worker("b", 4)
+def _four_batches_checkpointed_at_1(s: Scheduler, holders: dict[int, list[str]]) -> set[str]:
+    """Run batches 0-3, both state partitions checkpointed after batch 1; the blocks freed."""
     freed: set[str] = set()
     for b in range(4):
-        _seal(s, b, {0: ["a", "b"], 1: ["b", "a"]})
+        _seal(s, b, holders)
         freed |= {bid for e in _drain(s) if isinstance(e, FreeBlocks) for bid in e.block_ids}
         if b == 1:
             s.set_checkpoint(3, 0, 1)
             s.set_checkpoint(3, 1, 1)
+    return freed
+
+
+def test_inputs_since_the_checkpoint_are_kept_and_rebuild_lost_state_without_kafka() -> None:
+    s = Scheduler(_plan(), first=0, retain_inputs=10)
+    s.add_worker("a", 4)
+    s.add_worker("b", 4)
+    freed = _four_batches_checkpointed_at_1(s, {0: ["a", "b"], 1: ["b", "a"]})
     # batches 0 and 1 are covered by the checkpoint: their inputs went; 2 and 3 stayed
     assert {"in/0/0/0", "in/0/1/1"} <= freed
     assert not {bid for bid in freed if bid.startswith(("in/0/2/", "in/0/3/"))}
@@ -359,13 +365,7 @@ def test_lost_state_is_rebuilt_from_the_blocks_on_its_way_that_survived() -> Non
     s = Scheduler(_plan(), first=0, retain_inputs=10)
     for w in ("a", "b", "c"):
         s.add_worker(w, 2)
-    freed: set[str] = set()
-    for b in range(4):
-        _seal(s, b, {0: ["a", "b"], 1: ["b", "c"]})
-        freed |= {bid for e in _drain(s) if isinstance(e, FreeBlocks) for bid in e.block_ids}
-        if b == 1:
-            s.set_checkpoint(3, 0, 1)
-            s.set_checkpoint(3, 1, 1)
+    freed = _four_batches_checkpointed_at_1(s, {0: ["a", "b"], 1: ["b", "c"]})
     # batches 0 and 1 are covered by the checkpoint: their blocks went; of 2 and 3, the map
     # outputs and reduced partitions on the way to the state stayed
     assert {"sh/2/0/0/0", "rd/2/1/1", "sh/3/0/1/0"} <= freed

@@ -1338,6 +1338,15 @@ class Scheduler:
             )
         return out
 
+    def running_longer_than(self, now: float, age_s: float) -> set[str]:
+        """Workers with a task attempt running for more than *age_s* at *now*.
+
+        Walks the running tasks only (at most the fleet's slots): the liveness probe's
+        candidates (a paused worker holds its attempts until something notices).
+        """
+        cutoff = now - age_s
+        return {w for t in self._running.values() for w, t0 in t.attempts.values() if t0 < cutoff}
+
     def running_count(self) -> int:
         """Task attempts running now (over all workers)."""
         return sum(self.busy.values())

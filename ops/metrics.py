@@ -54,6 +54,10 @@ LATE_SEALS = Counter(
     "dstream_late_seals_total",
     "Batches cut without a worker that did not answer the seal within half a batch interval",
 )
+MISSED_PROBES = Counter(
+    "dstream_missed_probes_total",
+    "Workers set apart for not answering a ping while one of their tasks ran long",
+)
 TASKS_RETRIED = Counter("dstream_tasks_retried_total", "Task attempts rerun after a failure")
 SPECULATIVE_LAUNCHED = Counter(
     "dstream_speculative_tasks_launched_total", "Speculative task copies launched"

@@ -14,10 +14,10 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent import futures
 from concurrent.futures import Executor, Future
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.scheduler import Scheduler
 from ops import metrics
@@ -43,6 +43,9 @@ SEAL_TIMEOUT_S = CALL_TIMEOUT_S
 SEAL_WAIT_MIN_S = 0.25
 #: share of the batch interval the clock waits for seal answers (see ``SEAL_WAIT_MIN_S``)
 SEAL_WAIT_FRACTION = 0.5
+#: How much longer than the others a worker already set apart (a missed ping) is waited
+#: for at a seal: an answer within it takes the worker back at once.
+APART_GRACE_S = 0.05
 #: The longest the first batch waits for ``--expect-workers`` (Spark's default
 #: ``spark.scheduler.maxRegisteredResourcesWaitingTime``); it then starts with whoever joined.
 REGISTRATION_WAIT_S = 30.0
@@ -53,6 +56,13 @@ REJOIN_WAIT_S = 2.0
 #: A finished bounded run waits at most this long for the metadata log to mark its last
 #: batch done (written after the batch's dead letters commit) before it says it finished.
 FINISH_DURABLE_WAIT_S = 30.0
+
+
+class Sealed(NamedTuple):
+    """What a round of seals brought: the block reports and the workers that answered."""
+
+    reports: list[wire.BlockReport]
+    answered: set[str]
 
 
 class BatchClock:
@@ -305,14 +315,18 @@ class BatchClock:
             except Exception as e:
                 log.warning("assigning partitions to %s failed: %s", w.id, e)
 
-    def collect_seals(self, b: int, workers: list[WorkerInfo]) -> list[wire.BlockReport]:
+    def collect_seals(
+        self, b: int, workers: list[WorkerInfo], apart: Collection[str] = ()
+    ) -> Sealed:
         """Seal batch *b* on every worker at once; the reports of those that answer in time.
 
         A worker still owing an earlier seal answer is skipped; one that does not answer
         within the seal wait (:meth:`seal_wait_s`) is left out of this batch, its work is
         run elsewhere until it answers (``Scheduler.set_unresponsive``, done by
         :meth:`seal_batch`), and the blocks its late answer reports are freed on their
-        holders (they are in no logged range).
+        holders (they are in no logged range). A worker already set *apart* (a missed
+        ping, :mod:`.probes`) is sealed but not waited for: its answer counts if it comes
+        while the others answer (at most :data:`APART_GRACE_S` after them).
         """
         seal = wire.Seal(b, self.rate_cap())
         sent: dict[str, Future[Any]] = {}
@@ -323,8 +337,13 @@ class BatchClock:
             self.late.pop(w.id, None)
             sent[w.id] = self.io.submit(w.client.send, seal, SEAL_TIMEOUT_S)
         wait = self.seal_wait_s()
-        futures.wait(sent.values(), timeout=wait)
+        deadline = time.monotonic() + wait
+        futures.wait([f for wid, f in sent.items() if wid not in apart], timeout=wait)
+        grace = min(APART_GRACE_S, deadline - time.monotonic())
+        if grace > 0:
+            futures.wait([f for wid, f in sent.items() if wid in apart], timeout=grace)
         reports: list[wire.BlockReport] = []
+        answered: set[str] = set()
         for wid, f in sent.items():
             if not f.done():
                 log.warning(
@@ -342,9 +361,10 @@ class BatchClock:
                 continue
             try:
                 reports.extend(wire.BlockReport.from_wire(r) for r in f.result())
+                answered.add(wid)
             except Exception as e:
                 log.warning("seal of batch %d on %s failed: %s", b, wid, e)
-        return reports
+        return Sealed(reports, answered)
 
     def seal_wait_s(self) -> float:
         """How long the clock waits for seal answers before it cuts without a worker."""
@@ -417,9 +437,16 @@ class BatchClock:
             b = self.next_batch
             self.next_batch += 1
             workers = list(self.membership.workers.values())
-        reports = self.collect_seals(b, workers)
+            apart = set(self.scheduler.unresponsive())
+        sealed = self.collect_seals(b, workers, apart)
+        reports = sealed.reports
         info = BatchInfo(b, time_ms, time.monotonic(), cut_delay=time.time() - time_ms / 1000)
         with self.lock:
+            # set apart by a missed ping, but its seal answered in time: it is back
+            for wid in sorted(apart & sealed.answered):
+                if wid in self.scheduler.unresponsive():
+                    log.info("worker %s answered its seal: it takes tasks again", wid)
+                    self.dispatcher.apply(self.scheduler.responsive_again(wid))
             # workers that owe a seal answer: their work runs elsewhere until they answer
             for wid, owed in self.late.items():
                 if not owed.done() and wid in self.membership:

@@ -4,8 +4,8 @@ A :class:`Leader` is built when a coordinator takes the lease (:meth:`Leader.loa
 the metadata log, then the constructor only wires): the scheduler, membership, receiver
 tracking, the batch clock, dispatch, completion, rate control and status, plus the
 method -> handler table of the calls workers make to a leader. It runs the loops of a
-leader (the batch clock, the loss monitor, the speculation pump) until the coordinator
-stops.
+leader (the batch clock, the loss monitor, the liveness probes, the speculation pump)
+until the coordinator stops.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ops.coordinator.dead_letters import DeadLetterCommitter
 from ops.coordinator.dispatch import Dispatcher
 from ops.coordinator.durable import DurableWriter
 from ops.coordinator.membership import Membership, WorkerClient
+from ops.coordinator.probes import Prober
 from ops.coordinator.queries import StateQueries
 from ops.coordinator.rate_control import RateController
 from ops.coordinator.receivers import (
@@ -193,6 +194,16 @@ class Leader:
             may_act=may_act,
             rate_cap=lambda: self.rate.cap,
         )
+        #: pings the workers of long-running tasks (a paused worker is set apart at once)
+        self.prober = Prober(
+            interval_s=s.batch_interval,
+            scheduler=self.scheduler,
+            membership=self.membership,
+            dispatcher=self.dispatcher,
+            lock=lock,
+            stopping=stopping,
+            may_act=may_act,
+        )
         self.status = LeaderStatus(
             app_id=app_id,
             holder=holder,
@@ -257,9 +268,10 @@ class Leader:
         return start_positions(layout, positions_after(resume.ranges), first_offsets)
 
     def start(self) -> None:
-        """Start the leader's threads: the batch clock, the loss monitor, speculation."""
+        """Start the leader's threads: clock, loss monitor, liveness probes, speculation."""
         threading.Thread(target=self.clock.run, name="batch-clock", daemon=True).start()
         threading.Thread(target=self.monitor, name="monitor", daemon=True).start()
+        threading.Thread(target=self.prober.run, name="probe", daemon=True).start()
         if self.settings.speculation:
             threading.Thread(target=self.pump, name="speculation", daemon=True).start()
 
@@ -365,6 +377,7 @@ class Leader:
         for w in workers:
             w.client.close()
         self.queries.close()
+        self.prober.close()
         if self.completion.dead_letters is not None:
             self.completion.dead_letters.close()
 

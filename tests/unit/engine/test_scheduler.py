@@ -445,3 +445,21 @@ def test_an_unresponsive_worker_s_work_runs_elsewhere_until_it_answers() -> None
     events = _drain(s, 30.0)
     assert BatchCompleted(3) in events
     assert any(isinstance(i, LaunchTask) and i.worker == paused for i in events)
+
+
+def test_running_longer_than_names_the_workers_of_old_attempts() -> None:
+    """The liveness probe's candidates: workers with an attempt running past the age."""
+    s = Scheduler(_plan(), first=0)
+    for w in ("a", "b", "c"):
+        s.add_worker(w, 2)
+    _seal(s, 0, {0: ["a", "b"], 1: ["b", "c"]})
+    assert s.running_longer_than(10.0, 0.25) == set()  # nothing runs yet
+    early = [i for i in s.tick(10.0) if isinstance(i, LaunchTask)]
+    assert early
+    assert s.running_longer_than(10.2, 0.25) == set()
+    assert s.running_longer_than(10.3, 0.25) == {i.worker for i in early}
+    # a finished attempt no longer counts
+    first = early[0]
+    s.task_finished(first.spec.id, first.attempt, first.worker, 10.3, 10)
+    left = {i.worker for i in early[1:]}
+    assert s.running_longer_than(10.3, 0.25) == left

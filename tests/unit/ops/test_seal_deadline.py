@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ops import protocol as wire
-from ops.coordinator.batch_clock import BatchClock
+from ops.coordinator.batch_clock import APART_GRACE_S, BatchClock, Sealed
 from state.metalog import OffsetRange
 
 INTERVAL = 0.3
@@ -80,8 +80,8 @@ def clock() -> Any:
     io.shutdown(wait=True)
 
 
-def _blocks(reports: list[wire.BlockReport]) -> set[str]:
-    return {r.block for r in reports}
+def _blocks(sealed: Sealed) -> set[str]:
+    return {r.block for r in sealed.reports}
 
 
 def test_a_hung_worker_is_left_out_after_one_interval(clock: Any) -> None:
@@ -91,9 +91,10 @@ def test_a_hung_worker_is_left_out_after_one_interval(clock: Any) -> None:
 
     clients["b"].hang.set()
     t0 = time.monotonic()
-    reports = bc.collect_seals(1, ws)
+    sealed = bc.collect_seals(1, ws)
     took = time.monotonic() - t0
-    assert _blocks(reports) == {"in/0/1/0", "in/0/1/2"}, "b's block is not waited for"
+    assert _blocks(sealed) == {"in/0/1/0", "in/0/1/2"}, "b's block is not waited for"
+    assert sealed.answered == {"a", "peer"}
     assert took < 5, f"the clock waited {took:.1f} s on a hung worker (seal timeout is 10 s)"
 
     # while b owes its answer it is not sealed again
@@ -124,7 +125,34 @@ def test_a_failed_seal_answer_frees_nothing(clock: Any) -> None:
         return 0
 
     clients["a"].send = broken  # type: ignore[method-assign]
-    reports = bc.collect_seals(0, list(workers.values()))
-    assert _blocks(reports) == {"in/0/0/1", "in/0/0/2"}
+    sealed = bc.collect_seals(0, list(workers.values()))
+    assert _blocks(sealed) == {"in/0/0/1", "in/0/0/2"}
+    assert sealed.answered == {"b", "peer"}
     assert all(not c.freed for c in clients.values())
     assert bc.late == {}
+
+
+def test_a_worker_set_apart_is_sealed_but_not_waited_for(clock: Any) -> None:
+    """A worker a missed ping set apart: its seal is sent, the cut does not wait on it."""
+    bc, clients, workers = clock
+    ws = list(workers.values())
+    clients["b"].hang.set()
+    t0 = time.monotonic()
+    sealed = bc.collect_seals(0, ws, apart={"b"})
+    took = time.monotonic() - t0
+    assert _blocks(sealed) == {"in/0/0/0", "in/0/0/2"}
+    assert clients["b"].seals == [0], "it is sealed (its answer takes it back)"
+    # not the seal wait (half an interval), only the grace after the others answered
+    assert took < bc.seal_wait_s() * 0.8, took
+    assert "b" in bc.late
+
+    # one set apart that answers at once is counted, as any other
+    clients["b"].release.set()
+    clients["b"].hang.clear()
+    deadline = time.monotonic() + 5
+    while not bc.late["b"].done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sealed = bc.collect_seals(1, ws, apart={"b"})
+    assert _blocks(sealed) == {"in/0/1/0", "in/0/1/1", "in/0/1/2"}
+    assert sealed.answered == {"a", "b", "peer"}
+    assert bc.seal_wait_s() > APART_GRACE_S

@@ -114,6 +114,7 @@ ALL_METRIC_NAMES = (
     "dstream_task_duration_seconds",
     "dstream_tasks_retried_total",
     "dstream_late_seals_total",
+    "dstream_missed_probes_total",
     "dstream_speculative_tasks_launched_total",
     "dstream_speculative_tasks_won_total",
     "dstream_recoveries_total",

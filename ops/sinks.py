@@ -48,6 +48,9 @@ TXN_TIMEOUT_MS = 20_000
 KAFKA_CALL_TIMEOUT_S = 10.0
 #: Past its own timeout plus this grace a call is taken as hung (see :func:`bounded_call`).
 HUNG_GRACE_S = 5.0
+#: how long a new transactional producer waits for its first broker connection before it
+#: asks for a producer id (:func:`transactional_clients`)
+KAFKA_CONNECT_WAIT_S = 2.0
 
 
 class KafkaCallHung(DStreamError):
@@ -302,12 +305,20 @@ return 1
 """
 
 
-def transactional_clients(settings: Settings, tid: str, group: str, where: str) -> tuple[Any, Any]:
+def transactional_clients(
+    settings: Settings, tid: str, group: str, where: str, topic: str | None = None
+) -> tuple[Any, Any]:
     """A transactional producer (``init_transactions`` done) and its marker consumer.
 
     The producer's ``init_transactions`` fences any earlier producer of *tid* and resolves
     its open transaction; the consumer of *group* reads the marker (the committed offset
     the transactions advance). Used by the Kafka sink and the dead-letter committer.
+
+    The producer first fetches the metadata of *topic* (the one it writes): called on a
+    producer that has no broker connection yet, librdkafka's ``init_transactions`` often
+    waits out its 500 ms producer-id retry timer, so a new producer (an output partition
+    that moved to this worker) took 0.06 s or 0.5 s at random; connected first, it takes
+    0.06 s (measured against the local broker).
 
     Raises:
         FencedError | DStreamError: starting the producer failed (*where* names it).
@@ -325,6 +336,10 @@ def transactional_clients(settings: Settings, tid: str, group: str, where: str) 
             }
         )
     )
+    with contextlib.suppress(KafkaException):
+        # connect before asking for a producer id (see above); a failure here shows again,
+        # with its cause, in init_transactions
+        producer.list_topics(topic, timeout=KAFKA_CONNECT_WAIT_S)
     try:
         txn_call(
             "init_transactions",
@@ -387,7 +402,9 @@ class FleetSinks(SinkEnv):
                 return got
         tid = f"{self.app_id}-{node.id}-{part}"
         where = f"{node.name} partition {part}"
-        producer, marker = transactional_clients(self.settings, tid, f"{tid}-commits", where)
+        producer, marker = transactional_clients(
+            self.settings, tid, f"{tid}-commits", where, topic=node.args["topic"]
+        )
         with self._lock:
             self._producers[key] = (producer, marker)
         return producer, marker

@@ -200,7 +200,7 @@ class DeadLetterCommitter:
         if self._producer is not None:
             return self._producer, self._marker
         producer, marker = transactional_clients(
-            self.settings, self.transactional_id, self.group, "dead letters"
+            self.settings, self.transactional_id, self.group, "dead letters", topic=self.topic
         )
         self._producer, self._marker = producer, marker
         self._written = None

@@ -24,6 +24,7 @@ import hmac
 import itertools
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -93,6 +94,10 @@ _NONCE = 32
 _HEADER = struct.Struct(">I")
 _REQUEST, _RESPONSE, _NOTIFY = 0, 1, 2
 _SMALL = 64 * 1024  # bodies up to this size are sent in one write together with the header
+_SEND_CHUNK = 256 * 1024  # a send bounded by a stall limit writes at most this much at a time
+#: A call's connect and handshake take at most its timeout, but never less than this (a TLS
+#: handshake on a loaded machine can take a good part of a second)
+CONNECT_FLOOR_S = 1.0
 _TLS_CHUNK = 256 * 1024  # plaintext encrypted (and ciphertext read) per step
 
 
@@ -162,30 +167,57 @@ class _Conn:
         #: the peer's certificate (DER) once a TLS handshake verified it; None without TLS
         self.peer_cert: bytes | None = None
 
-    def _write(self, header: bytes, body: bytes) -> None:  # called with _send_lock held
+    def _write(self, header: bytes, body: bytes, stall_s: float | None) -> None:
+        # called with _send_lock held
         if len(body) <= _SMALL:
-            self.sock.sendall(header + body)
+            self._sendall(header + body, stall_s)
         else:  # no concatenation copy of a large body
-            self.sock.sendall(header)
-            self.sock.sendall(body)
+            self._sendall(header, stall_s)
+            self._sendall(body, stall_s)
+
+    def _sendall(self, data: bytes | memoryview, stall_s: float | None) -> None:
+        """``sendall``; with *stall_s*, TimeoutError once no byte could go for that long.
+
+        A peer that stopped reading (paused, wedged) fills the socket buffers, and a plain
+        ``sendall`` then blocks for the socket's ``IO_TIMEOUT``: a call's own timeout must
+        bound that too. Progress resets the limit, so a long send that moves is not cut.
+        """
+        if stall_s is None:
+            self.sock.sendall(data)
+            return
+        view = memoryview(data)
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        while view:
+            if not poller.poll(max(1, int(stall_s * 1000))):
+                msg = f"no byte could be sent for {stall_s:g} s"
+                raise TimeoutError(msg)
+            view = view[self.sock.send(view[:_SEND_CHUNK]) :]
 
     def _read_into(self, view: memoryview) -> int:
         return self.sock.recv_into(view)
 
-    def send_raw(self, body: bytes) -> None:
-        """Send one frame; raise FrameTooLarge before sending anything if it is oversize."""
+    def send_raw(self, body: bytes, stall_s: float | None = None) -> None:
+        """Send one frame; raise FrameTooLarge before sending anything if it is oversize.
+
+        With *stall_s*, a send that cannot go on for that long raises RpcTimeout; the frame
+        is cut short, so the connection is dropped (the next call reconnects).
+        """
         if len(body) > self.max_frame:
             raise FrameTooLarge(len(body), self.max_frame)
         try:
             with self._send_lock:
-                self._write(_HEADER.pack(len(body)), body)
+                self._write(_HEADER.pack(len(body)), body, stall_s)
         except (OSError, ssl.SSLError) as exc:  # includes TimeoutError
             self.shutdown()
+            if stall_s is not None and isinstance(exc, TimeoutError):
+                msg = f"send to {self.peername} stalled ({exc}): the connection is dropped"
+                raise RpcTimeout(msg) from exc
             msg = f"send to {self.peername} failed: {exc!r}"
             raise ConnectionLost(msg) from exc
 
-    def send(self, message: list[Any]) -> None:
-        self.send_raw(msgpack.packb(message, use_bin_type=True, datetime=False))
+    def send(self, message: list[Any], stall_s: float | None = None) -> None:
+        self.send_raw(msgpack.packb(message, use_bin_type=True, datetime=False), stall_s)
 
     def _fill(self, view: memoryview, idle_ok: bool) -> bool:
         """Fill *view* from the socket; False on a clean EOF before the first byte."""
@@ -311,7 +343,8 @@ class _TlsConn(_Conn):
             if out:
                 self.sock.sendall(out)
 
-    def _write(self, header: bytes, body: bytes) -> None:  # called with _send_lock held
+    def _write(self, header: bytes, body: bytes, stall_s: float | None) -> None:
+        # called with _send_lock held
         view = memoryview(body)
         for start in range(0, max(len(view), 1), _TLS_CHUNK):
             with self._tls_lock:
@@ -320,7 +353,7 @@ class _TlsConn(_Conn):
                 if view:
                     self._tls.write(view[start : start + _TLS_CHUNK])
                 out = self._out.read()
-            self.sock.sendall(out)
+            self._sendall(out, stall_s)
 
     def _read_into(self, view: memoryview) -> int:
         while True:
@@ -730,20 +763,22 @@ class RpcClient:
 
         Raises:
             RemoteError: the handler raised (type name and message only).
-            RpcTimeout: no answer in *timeout* seconds; a late answer is dropped.
+            RpcTimeout: no answer in *timeout* seconds (a late answer is dropped), or the
+                request could not be sent on for that long (the connection is dropped).
             ConnectionLost: the connection dropped (pending calls fail at once, not at their
                 timeout) or cannot be made; the next call reconnects.
             FrameTooLarge: the request exceeds ``max_frame``; nothing was sent.
             AuthError: the server rejected the secret or failed to prove it knows it.
 
         """
-        conn = self._connection(claim=True)
+        conn = self._connection(claim=True, timeout=timeout)
         msgid = next(self._ids)
         pending = _Pending()
         with self._lock:
             self._pending[msgid] = pending
         try:
-            conn.send([_REQUEST, msgid, method, params])
+            # the send too is bounded: a peer that stopped reading cannot hold it longer
+            conn.send([_REQUEST, msgid, method, params], stall_s=timeout)
             if not pending.done.wait(timeout):
                 msg = f"{method!r} to {self.address} got no answer in {timeout} s"
                 raise RpcTimeout(msg)
@@ -787,11 +822,13 @@ class RpcClient:
             self._active -= 1
             self._last_used = time.monotonic()
 
-    def _connection(self, claim: bool = False) -> _Conn:
+    def _connection(self, claim: bool = False, timeout: float | None = None) -> _Conn:
         """The open connection, opened now if need be.
 
         *claim*: count a call in progress (it calls :meth:`_release` when it ends), so
-        :meth:`disconnect_if_idle` leaves the connection open meanwhile.
+        :meth:`disconnect_if_idle` leaves the connection open meanwhile. *timeout*: the
+        call's, which bounds connecting and the handshake too (at least
+        :data:`CONNECT_FLOOR_S`).
         """
         with self._connect_lock:
             if self._closed:
@@ -802,7 +839,7 @@ class RpcClient:
                 return self._conn
             if self._reader is not None:
                 self._reader.join()  # the old reader has already failed its calls
-            conn = self._open()
+            conn = self._open(timeout)
             self._conn = conn
             self._reader = threading.Thread(
                 target=self._read_loop, args=(conn,), name=f"rpc-client-{self.address}", daemon=True
@@ -811,15 +848,19 @@ class RpcClient:
             self._active += claim
             return conn
 
-    def _open(self) -> _Conn:
+    def _open(self, timeout: float | None = None) -> _Conn:
+        connect_s, handshake_s = self._connect_timeout, self._handshake_timeout
+        if timeout is not None:
+            bound = max(timeout, CONNECT_FLOOR_S)
+            connect_s, handshake_s = min(connect_s, bound), min(handshake_s, bound)
         try:
-            sock = socket.create_connection(self.address, timeout=self._connect_timeout)
+            sock = socket.create_connection(self.address, timeout=connect_s)
         except OSError as exc:
             msg = f"cannot connect to {self.address}: {exc!r}"
             raise ConnectionLost(msg) from exc
         try:
             _prepare_socket(sock)
-            sock.settimeout(self._handshake_timeout)
+            sock.settimeout(handshake_s)
             conn = _Conn(sock, self._max_frame)
             ctx = _context(self._ssl)
             if ctx is not None:

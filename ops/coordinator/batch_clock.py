@@ -387,10 +387,19 @@ class BatchClock:
                 log.debug("a late seal answer could not be read: %s", e)
         with self.lock:
             self.free_unlogged(reports)
-            if wid in self.scheduler.unresponsive():
-                log.info("worker %s answered again: it takes tasks again", wid)
-                self.dispatcher.apply(self.scheduler.responsive_again(wid))
+            if self._take_back(wid):
                 self.dispatcher.dispatch()
+
+    def _take_back(self, wid: str) -> bool:
+        """A worker set apart answered a seal: it takes tasks again (lock held).
+
+        False when it was not set apart (nothing to do).
+        """
+        if wid not in self.scheduler.unresponsive():
+            return False
+        log.info("worker %s answered its seal: it takes tasks again", wid)
+        self.dispatcher.apply(self.scheduler.responsive_again(wid))
+        return True
 
     def free_unlogged(self, reports: Iterable[wire.BlockReport]) -> None:
         """Drop the blocks of seal *reports* that no logged range names (lock held).
@@ -444,9 +453,7 @@ class BatchClock:
         with self.lock:
             # set apart by a missed ping, but its seal answered in time: it is back
             for wid in sorted(apart & sealed.answered):
-                if wid in self.scheduler.unresponsive():
-                    log.info("worker %s answered its seal: it takes tasks again", wid)
-                    self.dispatcher.apply(self.scheduler.responsive_again(wid))
+                self._take_back(wid)
             # workers that owe a seal answer: their work runs elsewhere until they answer
             for wid, owed in self.late.items():
                 if not owed.done() and wid in self.membership:

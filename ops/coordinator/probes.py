@@ -69,7 +69,7 @@ class Prober:
         self.stopping = stopping
         self.may_act = may_act
         self._pool = ThreadPoolExecutor(MAX_PROBES, thread_name_prefix="probe")
-        #: worker id -> when it was last pinged (monotonic)
+        #: worker id -> when it was last pinged (monotonic), for pings within the wait
         self._pinged: dict[str, float] = {}
         #: workers with a ping in flight
         self._probing: set[str] = set()
@@ -106,6 +106,8 @@ class Prober:
                 w = self.membership.get(wid)
                 if w is not None:
                     due.append(w)
+            # a ping older than the wait no longer limits anything: forget it
+            self._pinged = {w: t for w, t in self._pinged.items() if now - t < wait}
             for w in due:
                 self._pinged[w.id] = now
                 self._probing.add(w.id)

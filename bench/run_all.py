@@ -6,8 +6,9 @@ coordinator scale (50 to 1,000 simulated workers, and recovery from a lost one),
 coordinator memory at 1,000 simulated workers over 10 simulated minutes, worker profile,
 recovery from a killed worker (checkpoints every 2, 10, 30 batches), straggler with and
 without speculation, failover to a standby coordinator (kill -9 and SIGSTOP of the leader),
-metadata written to Redis per batch (1,000 workers x 4 partitions), connections per worker
-(24 real worker processes), bounded runs (``--until end`` over 5 M pre-loaded records).
+taking over an output partition's transactional id up to its first commit, metadata
+written to Redis per batch (1,000 workers x 4 partitions), connections per worker (24 real
+worker processes), bounded runs (``--until end`` over 5 M pre-loaded records).
 Each step writes a markdown fragment and its PNGs into ``bench/results/``; a step that
 fails is reported as failed and the others still run. Needs ``dstream dev up`` (the
 ``make bench`` target starts it).
@@ -40,6 +41,7 @@ STEPS = (
     "recovery",
     "straggler",
     "failover",
+    "txn_takeover",
     "metadata",
     "connections",
     "bounded",
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         soak,
         straggler,
         throughput,
+        txn_takeover,
     )
 
     plan: dict[str, tuple[Callable[[list[str]], int], list[str]]] = {
@@ -113,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "straggler": (straggler.main, ["--seconds", "10" if q else "20"]),
         "failover": (failover.main, ["--steady", "6", "--after", "12"] if q else []),
+        "txn_takeover": (txn_takeover.main, ["--tries", "5" if q else "20"]),
         "metadata": (metadata.main, ["--batches", "50" if q else "200"]),
         "connections": (
             connections.main,

@@ -3,8 +3,9 @@
 The batch clock notices a paused worker at the next seal it misses, up to an interval and
 a half after the pause; a batch already running when the worker stopped would wait that
 long for the tasks it holds. :class:`Prober` (the leader's ``probe`` thread) pings every
-worker with a task attempt running longer than :meth:`Prober.wait_s`, at most once per
-that time; a ping not answered within it sets the worker apart
+worker with a task attempt running longer than :meth:`Prober.age_s` (half the probe wait),
+at most once per the probe wait (:meth:`Prober.wait_s`); a ping not answered within the
+wait sets the worker apart
 (``Scheduler.set_unresponsive``: its attempts rerun elsewhere, the blocks only it holds
 are rebuilt, its outputs move). A ping costs a healthy worker one small call; one
 answered late, or the worker's next seal answer, takes it back (as after a missed seal,
@@ -30,10 +31,14 @@ from ops.rpc import RpcTimeout
 
 log = logging.getLogger("dstream.coordinator")
 
-#: share of the batch interval a task runs before its worker is pinged, and the ping's
-#: deadline (at least :data:`PROBE_MIN_S`)
+#: share of the batch interval a ping waits for its answer, and the least time between two
+#: pings of a worker (at least :data:`PROBE_MIN_S`)
 PROBE_FRACTION = 0.25
 PROBE_MIN_S = 0.25
+#: share of the probe wait a task runs before its worker is pinged: a worker paused while
+#: a task of it runs is set apart this much plus the wait after the task started (0.375 s
+#: at 1 s batches; with the whole wait, 0.5 s)
+PROBE_AGE_SHARE = 0.5
 #: how often the leader looks for long-running tasks
 PROBE_EVERY_S = 0.05
 #: pings in flight at most (each takes a thread for at most the deadline)
@@ -75,8 +80,12 @@ class Prober:
         self._probing: set[str] = set()
 
     def wait_s(self) -> float:
-        """How long a task runs before its worker is pinged, and how long the ping waits."""
+        """How long a ping waits for its answer, and the least time between two pings."""
         return max(self.interval_s * PROBE_FRACTION, PROBE_MIN_S)
+
+    def age_s(self) -> float:
+        """How long a task attempt runs before its worker is pinged."""
+        return self.wait_s() * PROBE_AGE_SHARE
 
     def run(self) -> None:
         """The ``probe`` thread: :meth:`probe` every :data:`PROBE_EVERY_S` until stopped."""
@@ -93,7 +102,7 @@ class Prober:
         """Ping the workers due for a probe at *now*; their ids."""
         wait = self.wait_s()
         with self.lock:
-            slow = self.scheduler.running_longer_than(now, wait)
+            slow = self.scheduler.running_longer_than(now, self.age_s())
             if not slow:
                 return []
             apart = set(self.scheduler.unresponsive())

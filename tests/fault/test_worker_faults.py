@@ -133,10 +133,10 @@ def test_paused_worker_commits_nothing(busy: bool, scenario, tmp_path):
     misses the seal wait has its work run elsewhere at once (``Scheduler.set_unresponsive``:
     its attempts rerun, the blocks it alone holds rebuilt from lineage), so batches do not
     wait for the heartbeat timeout to declare it lost: the pause costs the rest of the
-    fleet at most about one batch interval. A batch already running when the worker
-    stopped does not wait for the next seal: a worker whose task runs past a quarter of an
-    interval is pinged, and one that does not answer within that time is set apart the
-    same way (``ops.coordinator.probes``); the busy case pauses a worker that runs its
+    fleet at most one batch interval. A batch already running when the worker
+    stopped does not wait for the next seal: a worker whose task runs past an eighth of an
+    interval is pinged, and one that does not answer within a quarter of one is set apart
+    the same way (``ops.coordinator.probes``); the busy case pauses a worker that runs its
     tasks slowly, so the pause finds tasks running on it. Before the seal wait, a healthy
     worker's seal waited on replicating to the paused peer for the whole pause (up to the
     10 s seal timeout); before its work moved at the missed seal, batches waited for the
@@ -237,15 +237,18 @@ def test_paused_worker_commits_nothing(busy: bool, scenario, tmp_path):
         in res["log"]
     )
     assert len(res["status"]["workers"]) == 3  # it rejoined cleanly
-    # a batch cut during the pause: at most about one batch interval of extra delay (the
-    # seal wait and a rebuild), long before the worker is declared lost (plus a margin
-    # for a loaded machine)
-    assert extra <= interval + 0.5, m
+    # a batch cut during the pause: at most one batch interval of extra delay (the seal
+    # wait, half an interval, then the rebuild of the paused worker's share and its
+    # output partitions' move to new transactional producers), long before the worker is
+    # declared lost. Before the producers waited for a named broker
+    # (``ops.sinks.connect_by_id``), a move took 0.5 s more at random: 2 of 13 idle runs
+    # were 1.03 and 1.07 s
+    assert extra <= interval, m
     # the batch in flight when the worker stopped: a task of it running on the paused
     # worker is noticed by a ping about half an interval after it started
     # (``ops.coordinator.probes``) and runs elsewhere; without the pings it waited for the
-    # next seal to be missed (busy case: 1.25-1.37 s extra over 3 runs, 0.23-0.70 s with)
-    assert extra_in_flight <= (interval if busy else interval + 0.5), m
+    # next seal to be missed (busy case: 1.25-1.37 s extra over 3 runs)
+    assert extra_in_flight <= interval, m
     # the healthy workers' blocks are cut and logged on time: the clock waits half an
     # interval at most for the paused worker's seal answer (plus a margin)
     assert m["cut"] <= interval / 2 + 0.5, m

@@ -38,8 +38,10 @@ class _Scheduler:
     def __init__(self) -> None:
         self.slow: set[str] = set()
         self.apart: list[str] = []
+        self.ages: list[float] = []
 
     def running_longer_than(self, now: float, age_s: float) -> set[str]:
+        self.ages.append(age_s)
         return set(self.slow)
 
     def unresponsive(self) -> list[str]:
@@ -111,6 +113,8 @@ def test_a_paused_worker_is_set_apart_within_the_probe_wait(fleet: Any) -> None:
     wait = prober.wait_s()
     assert wait == 0.25  # a quarter of the 1 s interval
     assert prober.probe(time.monotonic()) == []  # no task runs long: no ping
+    # a task running half the wait makes its worker a candidate
+    assert sched.ages == [0.125]
     sched.slow = {"a", "b"}
     workers["b"].paused.set()
     t0 = time.monotonic()

@@ -77,6 +77,11 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_CALL_TIMEOUT = 30.0
 #: Handler threads per server; slow calls do not block others until this many run at once.
 DEFAULT_HANDLER_THREADS = 16
+#: A response that cannot go on for this long (its caller stopped reading: paused, wedged)
+#: is cut and the connection dropped, so it holds a handler thread this long, not
+#: ``IO_TIMEOUT``: a few paused callers of large answers (block fetches) would otherwise
+#: take the whole pool, and the server would stop answering everyone. Progress resets it.
+RESPONSE_STALL_S = 2.0
 #: Requests of one connection queued or running at once; beyond this the server stops
 #: reading that connection, so TCP pushes back on a flooding peer instead of memory growing.
 MAX_IN_FLIGHT = 64
@@ -663,10 +668,12 @@ class RpcServer:
             return
         try:
             try:
-                conn.send([_RESPONSE, msgid, error, result])
+                conn.send([_RESPONSE, msgid, error, result], RESPONSE_STALL_S)
             except (FrameTooLarge, TypeError, ValueError) as exc:  # oversize or unpackable
                 log.warning("%s: cannot send result of %r: %s", self._name, method, exc)
                 conn.send([_RESPONSE, msgid, [type(exc).__name__, str(exc)], None])
+        except RpcTimeout as exc:  # the caller stopped reading: dropped, the thread freed
+            log.info("%s: answer to %r cut: %s", self._name, method, exc)
         except RpcError:
             pass  # connection gone: the client sees ConnectionLost
 

@@ -1,6 +1,8 @@
 """A call's timeout bounds its send and its connect too: a peer that stopped reading
 (SIGSTOP of a real server process) fails the call in about that time, not after the
-socket's IO timeout (60 s) or the handshake timeout (5 s)."""
+socket's IO timeout (60 s) or the handshake timeout (5 s). And a server's answer to a
+caller that stopped reading (a SIGSTOPped client process) gives up its handler thread
+after ``RESPONSE_STALL_S``."""
 
 from __future__ import annotations
 
@@ -8,13 +10,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from engine.errors import RpcError
-from ops.rpc import CONNECT_FLOOR_S, IO_TIMEOUT, RpcClient, RpcTimeout
+from ops.rpc import (
+    CONNECT_FLOOR_S,
+    IO_TIMEOUT,
+    RESPONSE_STALL_S,
+    RpcClient,
+    RpcServer,
+    RpcTimeout,
+)
 
 SECRET = b"stall-test-secret-0123456789abcdef"
 SERVER = """
@@ -75,3 +86,54 @@ def test_connecting_to_a_paused_peer_is_bounded_by_the_call_timeout(paused_serve
         took = time.monotonic() - t0
         # at least CONNECT_FLOOR_S (a slow TLS handshake), not the 5 s handshake timeout
         assert CONNECT_FLOOR_S - 0.05 <= took < CONNECT_FLOOR_S + 1.5, took
+
+
+CLIENT = """
+import sys
+from ops.rpc import RpcClient
+with RpcClient(("127.0.0.1", int(sys.argv[2])), secret=sys.argv[1].encode()) as c:
+    print("connected", flush=True)
+    c.call("big", None, timeout=600)
+"""
+
+
+def test_an_answer_to_a_paused_caller_frees_its_handler_thread() -> None:
+    """One handler thread, held by a large answer to a caller that stopped reading.
+
+    Another caller's ping is answered once the stalled answer is cut; before, the thread
+    stayed blocked for ``IO_TIMEOUT`` and the ping timed out.
+    """
+    entered, go = threading.Event(), threading.Event()
+
+    def handler(method: str, params: Any, peer: Any) -> Any:
+        if method == "big":
+            entered.set()
+            go.wait(30)
+            return b"x" * (32 * 1024 * 1024)  # more than the socket buffers take
+        return "pong"
+
+    with RpcServer(handler, secret=SECRET, handler_threads=1) as srv:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, SECRET.decode(), str(srv.address[1])],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=os.getcwd(),
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "connected"
+            assert entered.wait(10), "the big call did not reach the server"
+            os.kill(proc.pid, signal.SIGSTOP)
+            go.set()  # the answer now fills the buffers of a caller that does not read
+            time.sleep(0.2)
+            with RpcClient(("127.0.0.1", srv.address[1]), secret=SECRET) as other:
+                t0 = time.monotonic()
+                assert other.call("ping", None, timeout=10) == "pong"
+                took = time.monotonic() - t0
+            assert took < RESPONSE_STALL_S + 2.0 < IO_TIMEOUT, took
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()

@@ -69,6 +69,11 @@ class LeaderClient:
             else:
                 self._current = (failed + 1) % len(self.addresses)
 
+    def reset(self) -> None:
+        """Drop every coordinator connection (:meth:`ops.rpc.RpcClient.reset`)."""
+        for c in self._clients:
+            c.reset()
+
     def close(self) -> None:
         for c in self._clients:
             c.close()

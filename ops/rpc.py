@@ -765,6 +765,21 @@ class RpcClient:
             conn.shutdown()
         return True
 
+    def reset(self) -> bool:
+        """Drop the connection, calls in progress or not; the next call reconnects.
+
+        For a connection whose path went dead (a network partition): TCP retransmits on it
+        with a backoff that, after 20 s, waits several seconds more once the path is back,
+        while a fresh connection is made at the next call. Pending calls fail at once with
+        ConnectionLost. True when a connection was dropped.
+        """
+        with self._connect_lock:
+            conn = self._conn
+            if conn is None or conn.closed:
+                return False
+            conn.shutdown()
+        return True
+
     def call(self, method: str, params: Any = None, timeout: float = DEFAULT_CALL_TIMEOUT) -> Any:
         """Call *method* and return its result.
 

@@ -21,6 +21,7 @@ from ops import metrics
 from ops import protocol as wire
 from ops.config import Settings
 from ops.leader_client import LeaderClient
+from ops.rpc import RpcTimeout
 from state.blockstore import BlockStore
 
 log = logging.getLogger("dstream.worker")
@@ -206,6 +207,11 @@ class WorkerMembership:
                     self.last_ok = time.monotonic()
             except RpcError as e:
                 log.debug("heartbeat failed: %s", e)
+                if isinstance(e, RpcTimeout):
+                    # a heartbeat is answered at once: the path (or the coordinator) is
+                    # gone. A fresh connection finds a healed path within a connect's SYN
+                    # retries; the old one only at TCP's next retransmission, seconds later
+                    self.coordinator.reset()
                 if not orphaned and time.monotonic() - self.last_ok > self.lease:
                     orphaned = True
                     # no coordinator: stop reading (nothing will seal it); keep the blocks

@@ -34,7 +34,7 @@ from ops import faults, metrics
 from ops import protocol as wire
 from ops.config import Settings
 from ops.leader_client import LeaderClient
-from ops.rpc import RemoteError, RpcClient, RpcTimeout
+from ops.rpc import ConnectionLost, RemoteError, RpcClient, RpcTimeout
 from ops.sinks import DEFAULT_MAX_MESSAGE_BYTES, FleetSinks, bound_letter, encode_records
 from ops.worker.peers import PeerHealth
 from state.blockstore import BlockStore
@@ -368,7 +368,10 @@ class TaskRunner:
 
         A leader whose lease lapsed answers ``not leader`` until it renews it (or a standby
         takes over); the report is sent again until one leader hears it, the worker stops,
-        or :data:`REPORT_RETRY_S` passes. A new leader ignores attempts it did not launch.
+        or :data:`REPORT_RETRY_S` passes. So is one whose connection dropped (the
+        heartbeat drops a connection that stopped answering, see
+        ``ops.worker.membership``): a report the leader already had is ignored, as are
+        attempts a new leader did not launch.
         """
         deadline = time.monotonic() + REPORT_RETRY_S
         delay = NOT_LEADER_WAIT_S
@@ -376,7 +379,7 @@ class TaskRunner:
             try:
                 self.coordinator.call(method, params, timeout=30)
                 return
-            except NotLeaderError:
+            except (NotLeaderError, ConnectionLost):
                 if time.monotonic() + delay > deadline or self.stopping.wait(delay):
                     raise
                 delay = min(1.0, delay * 2)

@@ -55,6 +55,9 @@ COORD_RPC, COORD_HTTP, WORKER_RPC, WORKER_HTTP = 7070, 8080, 7071, 8081
 #: Input rate during the run (records/s) and the batch interval (s): small, for CI time.
 RATE = 300
 INTERVAL = 0.5
+#: Rejoining after the heal takes a heartbeat or two (0.5 s each) and a connect: measured
+#: 0.5 s; the bound leaves room for a loaded machine and a connect's SYN retry (1 s)
+REJOIN_BOUND_S = 3.0
 
 _REASON = netns.unavailable()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"network partitions: {_REASON}")
@@ -455,6 +458,10 @@ def test_worker_cut_from_coordinator(fleet_factory, services: Services) -> None:
     # the healed worker was unknown to the coordinator: it rejoined as a new incarnation,
     # so tasks launched before the cut could not commit
     assert "unknown to the coordinator" in w1.log, w1.log
+    # its heartbeats dropped their connection on timing out, so the first one after the
+    # heal connects afresh (kept, the connection waited for TCP's next retransmission:
+    # 6.6-7.6 s after a 20 s cut)
+    assert facts["heal_to_rejoin_s"] <= REJOIN_BOUND_S, facts
 
 
 @pytest.mark.timeout(150)
@@ -533,3 +540,5 @@ def test_coordinator_cut_from_all_workers(fleet_factory, services: Services) -> 
     assert c1.alive() and c1.ready(), "the coordinator keeps its lease through the partition"
     for w in fleet.workers:
         assert "unknown to the coordinator" in w.log, w.log
+    # as in test_worker_cut_from_coordinator (about 7 s before the heartbeats reconnected)
+    assert facts["heal_to_rejoin_s"] <= REJOIN_BOUND_S, facts

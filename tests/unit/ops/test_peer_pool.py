@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from ops.rpc import Peer, RpcClient, RpcServer
+from engine.errors import RpcError
+from ops.rpc import ConnectionLost, Peer, RpcClient, RpcServer
 from ops.worker.peers import PeerPool
 
 pytestmark = pytest.mark.unit
@@ -165,6 +166,35 @@ def test_disconnect_if_idle_waits_for_the_call_and_the_client_reconnects(
         assert not client.disconnect_if_idle(3600.0), "used just now"
         assert client.disconnect_if_idle(0.0) and not client.connected
         assert not client.disconnect_if_idle(0.0), "nothing left to close"
+        assert client.call("echo", 3) == 3 and client.connected, "the next call reconnects"
+    finally:
+        client.close()
+
+
+def test_reset_drops_the_connection_and_fails_the_call_in_progress(
+    servers: list[tuple[RpcServer, Handler]],
+) -> None:
+    """``RpcClient.reset`` (a dead path): unlike ``disconnect_if_idle``, calls or not."""
+    server, handler = servers[0]
+    client = RpcClient(server.address, secret=SECRET)
+    try:
+        assert client.call("echo", 1) == 1 and client.connected
+        failed: list[BaseException] = []
+
+        def blocked() -> None:
+            try:
+                client.call("block", 2, timeout=30)
+            except RpcError as e:
+                failed.append(e)
+
+        t = threading.Thread(target=blocked)
+        t.start()
+        assert handler.entered.wait(10)
+        assert client.reset() and not client.connected
+        t.join(10)
+        assert [type(e) for e in failed] == [ConnectionLost], "failed at once, not at 30 s"
+        assert not client.reset(), "nothing left to drop"
+        handler.release.set()
         assert client.call("echo", 3) == 3 and client.connected, "the next call reconnects"
     finally:
         client.close()

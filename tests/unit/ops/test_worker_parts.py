@@ -13,6 +13,7 @@ from engine.executor import BlockMissing, TaskResult
 from engine.plan import TaskSpec
 from ops import protocol as wire
 from ops.config import load_settings
+from ops.rpc import ConnectionLost, RpcTimeout
 from ops.worker.membership import WorkerMembership
 from ops.worker.task_runner import TaskRunner
 from state.blockstore import BlockStore
@@ -36,11 +37,18 @@ class FakeCoordinator:
     def __init__(self, answers: dict[str, list[Any]]) -> None:
         self.answers = answers
         self.calls: list[tuple[str, Any]] = []
+        self.resets = 0
 
     def call(self, method: str, params: Any = None, timeout: float = 0) -> Any:
         self.calls.append((method, params))
         script = self.answers.get(method, [True])
-        return script.pop(0) if len(script) > 1 else script[0]
+        answer = script.pop(0) if len(script) > 1 else script[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def reset(self) -> None:
+        self.resets += 1
 
     def sent(self, method: str) -> list[Any]:
         return [p for m, p in self.calls if m == method]
@@ -154,6 +162,37 @@ class FakeReceivers:
 
     def assign(self, parts: list[Any]) -> None:
         self.assigned.append(parts)
+
+
+def test_a_heartbeat_timeout_drops_the_coordinator_connection() -> None:
+    """No answer in time (a partition): the next heartbeat opens a fresh connection.
+
+    A refused connection (``ConnectionLost``) has none to drop; a timeout does.
+    """
+    reply = wire.RegisterReply(3, 10, {0: [("t", 0)]}, 1000).to_wire()
+    beats = [RpcTimeout("no answer"), ConnectionLost("refused"), RpcTimeout("no answer"), "ok"]
+    coord = FakeCoordinator({"register": [reply], "heartbeat": beats})
+    stopping = threading.Event()
+    m = WorkerMembership(
+        _settings(),
+        coord,  # type: ignore[arg-type]
+        BlockStore(),
+        FakeReceivers(),  # type: ignore[arg-type]
+        stopping,
+        worker_id=lambda: "w1",
+        http_port=lambda: 9100,
+        on_joined=lambda r: None,
+    )
+    t = threading.Thread(target=m.run, daemon=True)
+    t.start()
+    for _ in range(100):
+        if len(coord.sent("heartbeat")) >= 5:
+            break
+        stopping.wait(0.05)
+    stopping.set()
+    t.join(2)
+    assert len(coord.sent("heartbeat")) >= 5
+    assert coord.resets == 2
 
 
 def test_membership_registers_heartbeats_and_rejoins_when_unknown() -> None:

@@ -85,3 +85,35 @@ def test_a_new_owner_fences_the_old_one_and_commits(
     # a read_committed reader sees each batch once: the open transaction was aborted
     got = [m.value() for m in read_topic(kafka_bootstrap, topic, idle_s=0.5)]
     assert got == [b"0", b"1", b"2"]
+
+
+def test_a_slow_first_ask_resumes_on_the_same_producer(
+    kafka_bootstrap: str, new_topic: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first ``init_transactions`` times out (not refused): the same call resumes.
+
+    With a probe too short for any answer, every start takes this path; the producer must
+    still come up, fence the old owner and commit.
+    """
+    import ops.sinks
+
+    monkeypatch.setattr(ops.sinks, "INIT_PROBE_S", 0.0005)
+    topic = new_topic(1)
+    settings = Settings(kafka_bootstrap=kafka_bootstrap)
+    tid = f"{topic}-{uuid.uuid4().hex[:6]}"
+    old = transactional_clients(settings, tid, f"{tid}-commits", "test", topic=topic)
+    new = transactional_clients(settings, tid, f"{tid}-commits", "test", topic=topic)
+    producer, marker = new
+    producer.begin_transaction()
+    producer.produce(topic, b"0")
+    producer.send_offsets_to_transaction(
+        [TopicPartition(topic, 0, 1)], marker.consumer_group_metadata()
+    )
+    producer.commit_transaction(30)
+    with pytest.raises(KafkaException):  # the old owner was fenced
+        old[0].begin_transaction()
+        old[0].produce(topic, b"x")
+        old[0].commit_transaction(10)
+    for _, m in (old, new):
+        m.close()
+    assert [m.value() for m in read_topic(kafka_bootstrap, topic, idle_s=0.5)] == [b"0"]

@@ -83,10 +83,17 @@ def fleet(settings: Any, tid: str, topic: str) -> tuple[Any, Any]:
 WAYS: dict[str, Clients] = {"plain": plain, "metadata once": metadata_once, "fleet": fleet}
 
 
-def commit(producer: Any, marker: Any, topic: str, batch: int, end: bool = True) -> None:
-    """One batch as the Kafka sink commits it: marker read, records, offsets, commit.
+def commit(
+    producer: Any,
+    marker: Any,
+    topic: str,
+    batch: int,
+    end: bool = True,
+    value: bytes = b"x" * 100,
+) -> None:
+    """One batch as the Kafka sink commits it: marker read, a record, offsets, commit.
 
-    With *end* False the transaction is left open (the records and marker sent).
+    With *end* False the transaction is left open (the record and marker sent).
     """
     from confluent_kafka import TopicPartition
 
@@ -94,7 +101,7 @@ def commit(producer: Any, marker: Any, topic: str, batch: int, end: bool = True)
 
     FleetSinks.committed(marker, TopicPartition(topic, 0))
     producer.begin_transaction()
-    producer.produce(topic, b"x" * 100)
+    producer.produce(topic, value)
     producer.send_offsets_to_transaction(
         [TopicPartition(topic, 0, batch + 1)], marker.consumer_group_metadata()
     )

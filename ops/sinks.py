@@ -368,11 +368,16 @@ def transactional_clients(
             "enable.idempotence": True,
         }
     )
-    try:
+
+    def connected() -> Any:
         producer = Producer(config)
         # connect to a broker by its id before asking for a producer id (see above); a
         # failure here shows again, with its cause, in init_transactions
         connect_by_id(producer, topic, KAFKA_CONNECT_WAIT_S)
+        return producer
+
+    try:
+        producer = connected()
         ready, refused = True, False
         try:
             bounded_call(
@@ -392,8 +397,7 @@ def transactional_clients(
                 warnings.simplefilter("ignore", RuntimeWarning)
                 with contextlib.suppress(Exception):
                     producer.close()
-            producer = Producer(config)
-            connect_by_id(producer, topic, KAFKA_CONNECT_WAIT_S)
+            producer = connected()
         if not ready:  # refused, or slow (the same call resumes where it was)
             txn_call(
                 "init_transactions",

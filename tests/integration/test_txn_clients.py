@@ -9,10 +9,12 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from confluent_kafka import KafkaException, Producer, TopicPartition
 
+from bench.txn_takeover import commit as takeover_commit
 from ops.config import Settings
 from ops.sinks import FleetSinks, connect_by_id, transactional_clients
 from tests.fleetkit import read_topic, wait_for
@@ -52,16 +54,8 @@ def test_a_new_owner_fences_the_old_one_and_commits(
     tid = f"{topic}-{uuid.uuid4().hex[:6]}"
     tp = TopicPartition(topic, 0)
 
-    def commit(producer, marker, batch: int, end: bool = True) -> None:
-        producer.begin_transaction()
-        producer.produce(topic, str(batch).encode())
-        producer.send_offsets_to_transaction(
-            [TopicPartition(topic, 0, batch + 1)], marker.consumer_group_metadata()
-        )
-        if end:
-            producer.commit_transaction(30)
-        else:
-            producer.flush(30)
+    def commit(producer: Any, marker: Any, batch: int, end: bool = True) -> None:
+        takeover_commit(producer, marker, topic, batch, end, value=str(batch).encode())
 
     old = transactional_clients(settings, tid, f"{tid}-commits", "test", topic=topic)
     commit(*old, 0)
@@ -103,13 +97,7 @@ def test_a_slow_first_ask_resumes_on_the_same_producer(
     tid = f"{topic}-{uuid.uuid4().hex[:6]}"
     old = transactional_clients(settings, tid, f"{tid}-commits", "test", topic=topic)
     new = transactional_clients(settings, tid, f"{tid}-commits", "test", topic=topic)
-    producer, marker = new
-    producer.begin_transaction()
-    producer.produce(topic, b"0")
-    producer.send_offsets_to_transaction(
-        [TopicPartition(topic, 0, 1)], marker.consumer_group_metadata()
-    )
-    producer.commit_transaction(30)
+    takeover_commit(*new, topic, 0, value=b"0")
     with pytest.raises(KafkaException):  # the old owner was fenced
         old[0].begin_transaction()
         old[0].produce(topic, b"x")

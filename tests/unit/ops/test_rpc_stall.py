@@ -6,6 +6,7 @@ after ``RESPONSE_STALL_S``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,24 +39,33 @@ time.sleep(600)
 """
 
 
-@pytest.fixture
-def paused_server() -> Iterator[tuple[int, subprocess.Popen[str]]]:
+@contextlib.contextmanager
+def _python(script: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run *script* in another Python process; its first line of output, then its end.
+
+    The process may be SIGSTOPped meanwhile: it is continued before it is killed.
+    """
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, SECRET.decode()],
+        [sys.executable, "-c", script, SECRET.decode(), *args],
         stdout=subprocess.PIPE,
         text=True,
         cwd=os.getcwd(),
     )
     try:
         assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        yield port, proc
+        yield proc, proc.stdout.readline().strip()
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         proc.kill()
         proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.fixture
+def paused_server() -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    with _python(SERVER) as (proc, port):
+        yield int(port), proc
 
 
 def test_a_send_to_a_paused_peer_is_bounded_by_the_call_timeout(paused_server) -> None:
@@ -112,28 +122,17 @@ def test_an_answer_to_a_paused_caller_frees_its_handler_thread() -> None:
             return b"x" * (32 * 1024 * 1024)  # more than the socket buffers take
         return "pong"
 
-    with RpcServer(handler, secret=SECRET, handler_threads=1) as srv:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", CLIENT, SECRET.decode(), str(srv.address[1])],
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=os.getcwd(),
-        )
-        try:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == "connected"
-            assert entered.wait(10), "the big call did not reach the server"
-            os.kill(proc.pid, signal.SIGSTOP)
-            go.set()  # the answer now fills the buffers of a caller that does not read
-            time.sleep(0.2)
-            with RpcClient(("127.0.0.1", srv.address[1]), secret=SECRET) as other:
-                t0 = time.monotonic()
-                assert other.call("ping", None, timeout=10) == "pong"
-                took = time.monotonic() - t0
-            assert took < RESPONSE_STALL_S + 2.0 < IO_TIMEOUT, took
-        finally:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+    with (
+        RpcServer(handler, secret=SECRET, handler_threads=1) as srv,
+        _python(CLIENT, str(srv.address[1])) as (proc, first),
+    ):
+        assert first == "connected"
+        assert entered.wait(10), "the big call did not reach the server"
+        os.kill(proc.pid, signal.SIGSTOP)
+        go.set()  # the answer now fills the buffers of a caller that does not read
+        time.sleep(0.2)
+        with RpcClient(("127.0.0.1", srv.address[1]), secret=SECRET) as other:
+            t0 = time.monotonic()
+            assert other.call("ping", None, timeout=10) == "pong"
+            took = time.monotonic() - t0
+        assert took < RESPONSE_STALL_S + 2.0 < IO_TIMEOUT, took

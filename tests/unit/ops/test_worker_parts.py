@@ -6,6 +6,7 @@ The coordinator is a fake that answers the wire protocol; the executor a stub.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from engine.errors import FencedError, UserFunctionError
@@ -164,6 +165,35 @@ class FakeReceivers:
         self.assigned.append(parts)
 
 
+def _run_membership(
+    coord: FakeCoordinator,
+    receivers: FakeReceivers,
+    on_joined: Callable[[wire.RegisterReply], None],
+    beats: int,
+) -> WorkerMembership:
+    """Run a worker's membership loop until it sent *beats* heartbeats (5 s at most)."""
+    stopping = threading.Event()
+    m = WorkerMembership(
+        _settings(),
+        coord,  # type: ignore[arg-type]
+        BlockStore(),
+        receivers,  # type: ignore[arg-type]
+        stopping,
+        worker_id=lambda: "w1",
+        http_port=lambda: 9100,
+        on_joined=on_joined,
+    )
+    t = threading.Thread(target=m.run, daemon=True)
+    t.start()
+    for _ in range(100):
+        if len(coord.sent("heartbeat")) >= beats:
+            break
+        stopping.wait(0.05)
+    stopping.set()
+    t.join(2)
+    return m
+
+
 def test_a_heartbeat_timeout_drops_the_coordinator_connection() -> None:
     """No answer in time (a partition): the next heartbeat opens a fresh connection.
 
@@ -172,25 +202,7 @@ def test_a_heartbeat_timeout_drops_the_coordinator_connection() -> None:
     reply = wire.RegisterReply(3, 10, {0: [("t", 0)]}, 1000).to_wire()
     beats = [RpcTimeout("no answer"), ConnectionLost("refused"), RpcTimeout("no answer"), "ok"]
     coord = FakeCoordinator({"register": [reply], "heartbeat": beats})
-    stopping = threading.Event()
-    m = WorkerMembership(
-        _settings(),
-        coord,  # type: ignore[arg-type]
-        BlockStore(),
-        FakeReceivers(),  # type: ignore[arg-type]
-        stopping,
-        worker_id=lambda: "w1",
-        http_port=lambda: 9100,
-        on_joined=lambda r: None,
-    )
-    t = threading.Thread(target=m.run, daemon=True)
-    t.start()
-    for _ in range(100):
-        if len(coord.sent("heartbeat")) >= 5:
-            break
-        stopping.wait(0.05)
-    stopping.set()
-    t.join(2)
+    _run_membership(coord, FakeReceivers(), lambda r: None, 5)
     assert len(coord.sent("heartbeat")) >= 5
     assert coord.resets == 2
 
@@ -200,27 +212,8 @@ def test_membership_registers_heartbeats_and_rejoins_when_unknown() -> None:
     newer = wire.RegisterReply(4, 10, {0: [("t", 0)]}, 1000).to_wire()
     coord = FakeCoordinator({"register": [reply, newer], "heartbeat": ["ok", "unknown", "ok"]})
     joined: list[wire.RegisterReply] = []
-    stopping = threading.Event()
     receivers = FakeReceivers()
-    m = WorkerMembership(
-        _settings(),
-        coord,  # type: ignore[arg-type]
-        BlockStore(),
-        receivers,  # type: ignore[arg-type]
-        stopping,
-        worker_id=lambda: "w1",
-        http_port=lambda: 9100,
-        on_joined=joined.append,
-    )
-    t = threading.Thread(target=m.run, daemon=True)
-    t.start()
-    deadline = threading.Event()
-    for _ in range(100):
-        if len(coord.sent("heartbeat")) >= 3:
-            break
-        deadline.wait(0.05)
-    stopping.set()
-    t.join(2)
+    m = _run_membership(coord, receivers, joined.append, 3)
     assert [r.epoch for r in joined] == [3, 4] and m.epoch == 4 and m.first == 10
     assert m.incarnation == 1, "tasks of the forgotten incarnation may not commit"
     assert receivers.assigned[0] == [], "receivers pause until the partitions are resent"
